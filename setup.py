@@ -1,0 +1,60 @@
+"""Build lip_cuda's extension at install time.
+
+CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit is found
+(CUDA_HOME), CPU kernels otherwise; set LIP_CUDA_FORCE_CPU=1 to skip CUDA.
+Install with:  pip install --no-build-isolation -e .
+"""
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+
+
+def want_cuda() -> bool:
+    if os.environ.get("LIP_CUDA_FORCE_CPU", "0") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def default_cuda_arch_list() -> None:
+    # Without a visible GPU torch would build for every arch it knows; a
+    # short list keeps the build minutes down: Ampere (sm_80) and Hopper
+    # (sm_90), plus PTX for newer cards to JIT from.
+    import torch
+
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+
+def extension():
+    sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp"]
+    cxx_flags = ["-O3"]
+    if want_cuda():
+        default_cuda_arch_list()
+        return cpp_extension.CUDAExtension(
+            "lip_cuda._C",
+            sources + [f"{CSRC}/lip2d_cuda.cu"],
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    return cpp_extension.CppExtension("lip_cuda._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    name="lip_cuda",
+    version="0.1.0",
+    description="Fused CUDA/CPU kernels for LIP (Local Importance-based Pooling)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lip_cuda", "lip_cuda.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
