@@ -16,6 +16,11 @@ def _as_floating_pair(x: torch.Tensor, logit: torch.Tensor):
                 f"lip2d: expected {name} to have a floating-point dtype (float16, bfloat16, "
                 f"float32 or float64), but got {t.dtype}"
             )
+    if x.device != logit.device:
+        raise ValueError(
+            f"lip2d: expected x and logit on the same device, but x is on {x.device} "
+            f"and logit on {logit.device}"
+        )
     # The reference formula x * exp(logit) promotes mixed dtypes; so do we.
     dtype = torch.promote_types(x.dtype, logit.dtype)
     return x.to(dtype), logit.to(dtype)

@@ -1,0 +1,371 @@
+"""lip_cuda.lip2d against an independent float64 window-softmax oracle."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from lip_oracle import oracle_with_grads, window_softmax_lip
+
+import lip_cuda
+
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def random_geometries(count: int, seed: int = 2019):
+    """Kernel 1..5, stride 1..3, padding up to k // 2, ceil_mode, odd sizes."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        k = (rng.randint(1, 5), rng.randint(1, 5))
+        s = (rng.randint(1, 3), rng.randint(1, 3))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        ceil = rng.random() < 0.5
+        h, w = rng.randint(1, 13), rng.randint(1, 13)
+        if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1]:
+            continue
+        cases.append((k, s, p, ceil, h, w))
+    # the paper's layer, and square/odd classics
+    cases += [((3, 3), (2, 2), (1, 1), False, 9, 11), ((3, 3), (2, 2), (1, 1), True, 7, 7),
+              ((2, 2), (1, 1), (1, 1), False, 5, 6), ((5, 5), (3, 3), (2, 2), True, 13, 8)]
+    return cases
+
+
+GEOMETRIES = random_geometries(48)
+
+
+def geometry_id(case):
+    k, s, p, ceil, h, w = case
+    return f"k{k[0]}x{k[1]}-s{s[0]}x{s[1]}-p{p[0]}x{p[1]}-{'ceil' if ceil else 'floor'}-{h}x{w}"
+
+
+def make_inputs(shape, dtype, device, layout="contiguous", logit_high=4.0):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    logit = (torch.rand(shape, dtype=torch.float64) * logit_high).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+        logit = logit.to(memory_format=torch.channels_last)
+    return x.to(device), logit.to(device)
+
+
+def poison_allocator(numel: int, dtype: torch.dtype, device: str) -> None:
+    """Free a NaN-filled block so that outputs allocated next likely reuse it:
+    an element the kernel forgets to write then shows up as NaN."""
+    block = torch.full((numel * 2 + 64,), float("nan"), dtype=dtype, device=device)
+    del block
+
+
+def run_fused(x, logit, grad_out, k, s, p, ceil):
+    x = x.detach().requires_grad_()
+    logit = logit.detach().requires_grad_()
+    poison_allocator(x.numel(), x.dtype, x.device.type)
+    y = lip_cuda.lip2d(x, logit, k, s, p, ceil)
+    gx, gl = torch.autograd.grad(y, (x, logit), grad_out)
+    return y, gx, gl
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GEOMETRIES, ids=geometry_id)
+def test_float64_matches_oracle(case, device, seed):
+    k, s, p, ceil, h, w = case
+    x, logit = make_inputs((2, 3, h, w), torch.float64, device)
+    out_shape = F.avg_pool2d(x, k, s, p, ceil_mode=ceil).shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64, device=device)
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), k, s, p, ceil)
+    y, gx, gl = run_fused(x, logit, grad_out, k, s, p, ceil)
+    assert y.shape == out_shape
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx.cpu(), gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gl.cpu(), gl_ref, rtol=1e-10, atol=1e-10)
+    # and the paper's formula, finite at these logits, agrees too
+    torch.testing.assert_close(y, lip_cuda.lip2d_reference(x, logit, k, s, p, ceil),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GEOMETRIES[:6] + GEOMETRIES[-4:], ids=geometry_id)
+def test_gradcheck(case, device, seed):
+    k, s, p, ceil, h, w = case
+    x, logit = make_inputs((1, 2, h, w), torch.float64, device)
+    x.requires_grad_()
+    logit.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: lip_cuda.lip2d(a, b, k, s, p, ceil), (x, logit))
+
+
+# Logit ranges where exp() of the reference overflows in that dtype, so the
+# paper's formula returns NaN and only the stable form can be right.
+OVERFLOWING_LOGITS = {torch.float16: 30.0, torch.bfloat16: 200.0, torch.float32: 200.0,
+                      torch.float64: 1500.0}
+# (forward, gradient) tolerance relative to the largest reference magnitude
+TOLERANCE = {torch.float16: (4e-3, 8e-3), torch.bfloat16: (2e-2, 4e-2),
+             torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("case", [GEOMETRIES[-4], GEOMETRIES[-1], GEOMETRIES[3]], ids=geometry_id)
+def test_dtypes_stable_where_reference_overflows(case, dtype, layout, device, seed):
+    k, s, p, ceil, h, w = case
+    x, logit = make_inputs((2, 5, h, w), dtype, device, layout, OVERFLOWING_LOGITS[dtype])
+    reference = lip_cuda.lip2d_reference(x, logit, k, s, p, ceil)
+    assert not torch.isfinite(reference).all(), "the case must make the reference overflow"
+
+    grad_out = torch.randn(reference.shape, dtype=torch.float64).to(dtype).to(device)
+    y, gx, gl = run_fused(x, logit, grad_out, k, s, p, ceil)
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), k, s, p, ceil)
+    assert y.dtype == dtype and gx.dtype == dtype and gl.dtype == dtype
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(gl).all()
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    for got, want, tol in ((y, y_ref, fwd_tol), (gx, gx_ref, grad_tol), (gl, gl_ref, grad_tol)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_paper_gate_in_half_precision(dtype, device, seed):
+    """The paper's gate 12 * sigmoid(.) in half precision: the reference has
+    NaN in float16, the fused op is finite and matches float64."""
+    x = torch.randn(4, 16, 28, 28, device=device).to(dtype)
+    logit = (12 * torch.sigmoid(3 * torch.randn(4, 16, 28, 28, device=device))).to(dtype)
+    y = lip_cuda.lip2d(x, logit)
+    want = window_softmax_lip(x.double(), logit.double(), 3, 2, 1)
+    if dtype == torch.float16:
+        assert torch.isnan(lip_cuda.lip2d_reference(x, logit)).any()
+    tol = TOLERANCE[dtype][0]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_and_strided_inputs(dtype, device, seed):
+    x, logit = make_inputs((3, 6, 15, 12), dtype, device)
+    grad_out = torch.randn(3, 6, 8, 6, device=device).to(dtype)
+    y, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+
+    x_cl, l_cl = x.to(memory_format=torch.channels_last), logit.to(memory_format=torch.channels_last)
+    y_cl, gx_cl, gl_cl = run_fused(x_cl, l_cl, grad_out, 3, 2, 1, False)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    assert y.is_contiguous()
+    # same arithmetic in the same order: bitwise equal across layouts
+    for a, b in ((y, y_cl), (gx, gx_cl), (gl, gl_cl)):
+        assert torch.equal(a, b)
+
+    # views that are dense in neither format: transposed and sliced
+    big_x = torch.randn(3, 6, 30, 12, device=device).to(dtype)
+    big_l = torch.rand(3, 6, 30, 12, device=device).to(dtype) * 4
+    xs, ls = big_x[:, :, ::2], big_l[:, :, ::2]
+    assert not xs.is_contiguous()
+    y_s, gx_s, gl_s = run_fused(xs, ls, grad_out, 3, 2, 1, False)
+    y_d, gx_d, gl_d = run_fused(xs.contiguous(), ls.contiguous(), grad_out, 3, 2, 1, False)
+    for a, b in ((y_s, y_d), (gx_s, gx_d), (gl_s, gl_d)):
+        assert torch.equal(a, b)
+    xt, lt = x.transpose(2, 3), logit.transpose(2, 3)
+    want = window_softmax_lip(xt.double(), lt.double(), 3, 2, 1)
+    tol = TOLERANCE[dtype][0]
+    torch.testing.assert_close(lip_cuda.lip2d(xt, lt).double(), want, rtol=tol,
+                               atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(layout, device):
+    x, logit = make_inputs((0, 4, 9, 9), torch.float32, device, layout)
+    x.requires_grad_()
+    logit.requires_grad_()
+    y = lip_cuda.lip2d(x, logit)
+    assert y.shape == (0, 4, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and logit.grad.shape == logit.shape
+
+
+def test_mixed_dtypes_promote(seed):
+    x, _ = make_inputs((2, 3, 8, 8), torch.float32, "cpu")
+    _, logit = make_inputs((2, 3, 8, 8), torch.float64, "cpu")
+    y = lip_cuda.lip2d(x, logit)
+    assert y.dtype == torch.float64 == lip_cuda.lip2d_reference(x, logit).dtype
+    torch.testing.assert_close(y, window_softmax_lip(x.double(), logit, 3, 2, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device, seed):
+    x, logit = make_inputs((4, 32, 33, 31), torch.float32, device, logit_high=12)
+    grad_out = torch.randn(4, 32, 17, 16, device=device)
+    first = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    second = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autocast_cpu_bfloat16(seed):
+    x, logit = make_inputs((2, 4, 10, 10), torch.float32, "cpu")
+    conv = torch.nn.Conv2d(4, 4, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = conv(x)
+        y = lip_cuda.lip2d(feats, conv(logit))
+    assert feats.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    want = window_softmax_lip(feats.double(), conv(logit).to(torch.bfloat16).double(), 3, 2, 1)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck(dtype, layout, device, seed):
+    x, logit = make_inputs((2, 3, 9, 7), dtype, device, layout)
+    args = ([3, 3], [2, 2], [1, 1], True)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_forward.default,
+                          (x.requires_grad_(), logit.requires_grad_(), *args))
+    out, lse = torch.ops.lip_cuda.lip2d_forward(x.detach(), logit.detach(), *args)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_backward.default,
+                          (grad_out, x.detach(), logit.detach(), out, lse, *args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_fullgraph(layout, device, seed):
+    def block(x, logit):
+        return lip_cuda.lip2d(x * 2.0, torch.sigmoid(logit) * 12, 3, 2, 1).square().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=False)
+    for shape in ((2, 3, 12, 10), (1, 4, 9, 9)):
+        x, logit = make_inputs(shape, torch.float32, device, layout)
+        grads_eager = torch.autograd.grad(block(x.requires_grad_(), logit.requires_grad_()), (x, logit))
+        grads_compiled = torch.autograd.grad(compiled(x, logit), (x, logit))
+        for a, b in zip(grads_eager, grads_compiled):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_inductor(device, seed):
+    def loss(a, b):
+        return (lip_cuda.lip2d(a, b) * 3).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    x, logit = make_inputs((2, 3, 12, 10), torch.float32, device)
+    x.requires_grad_()
+    logit.requires_grad_()
+    torch.testing.assert_close(compiled(x, logit), loss(x, logit))
+    grads_compiled = torch.autograd.grad(compiled(x, logit), (x, logit))
+    grads_eager = torch.autograd.grad(loss(x, logit), (x, logit))
+    for a, b in zip(grads_eager, grads_compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_double_backward_raises(seed):
+    x, logit = make_inputs((1, 2, 6, 6), torch.float64, "cpu")
+    x.requires_grad_()
+    logit.requires_grad_()
+    (gx,) = torch.autograd.grad(lip_cuda.lip2d(x, logit).sum(), (x,), create_graph=True)
+    with pytest.raises(Exception, match="double backward"):
+        gx.sum().backward()
+
+
+def test_built_with_cuda_matches_torch():
+    if torch.cuda.is_available():
+        assert lip_cuda.built_with_cuda()
+    assert isinstance(lip_cuda.built_with_cuda(), bool)
+
+
+def _bad_calls():
+    x = torch.randn(2, 3, 8, 8)
+    l = torch.randn(2, 3, 8, 8)
+    ops = torch.ops.lip_cuda
+    return [
+        ("rank", lambda: lip_cuda.lip2d(x[0], l[0]), RuntimeError, r"x to be a 4-D \(N, C, H, W\)"),
+        ("shapes", lambda: lip_cuda.lip2d(x, l[:, :2]), RuntimeError, r"logit to have the same shape as x"),
+        ("int x", lambda: lip_cuda.lip2d(x.long(), l), TypeError, r"x to have a floating-point dtype"),
+        ("int logit", lambda: lip_cuda.lip2d(x, l.int()), TypeError, r"logit to have a floating-point dtype"),
+        ("devices", lambda: lip_cuda.lip2d(x, l.to("meta")), ValueError, r"same device"),
+        ("padding", lambda: lip_cuda.lip2d(x, l, 3, 2, 2), RuntimeError, r"padding .* at most half the kernel"),
+        ("padding pair", lambda: lip_cuda.lip2d(x, l, (4, 2), 2, (2, 2)), RuntimeError, r"at most half"),
+        ("neg padding", lambda: lip_cuda.lip2d(x, l, 3, 2, -1), RuntimeError, r"padding to be non-negative"),
+        ("zero stride", lambda: lip_cuda.lip2d(x, l, 3, 0, 1), RuntimeError, r"stride to be positive"),
+        ("neg stride", lambda: lip_cuda.lip2d(x, l, 3, (2, -1), 1), RuntimeError, r"stride to be positive"),
+        ("zero kernel", lambda: lip_cuda.lip2d(x, l, 0, 1, 0), RuntimeError, r"kernel_size to be positive"),
+        ("kernel too big", lambda: lip_cuda.lip2d(x, l, 11, 1, 1), RuntimeError, r"output would be empty"),
+        ("kernel triple", lambda: lip_cuda.lip2d(x, l, (3, 3, 3)), ValueError, r"kernel_size to be an int or a pair"),
+        ("no channels", lambda: lip_cuda.lip2d(x[:, :0], l[:, :0]), RuntimeError, r"C, H and W of x to be non-zero"),
+        ("op dtypes", lambda: ops.lip2d_forward(x, l.double(), [3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"logit to have the same dtype as x"),
+        ("op list", lambda: ops.lip2d_forward(x, l, [3, 3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"kernel_size"),
+        ("grad shape", lambda: ops.lip2d_backward(torch.randn(2, 3, 5, 4), x, l, *ops.lip2d_forward(
+            x, l, [3, 3], [2, 2], [1, 1], False), [3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"grad_out of shape \[2, 3, 4, 4\]"),
+        ("lse dtype", lambda: ops.lip2d_backward(torch.randn(2, 3, 4, 4), x, l, torch.randn(2, 3, 4, 4),
+                                                 torch.randn(2, 3, 4, 4).double(), [3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"lse of dtype Float"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input_raises_clear_error(case):
+    _, call, error, message = case
+    with pytest.raises(error, match=message):
+        call()
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_cuda_devices_differ():
+    x = torch.randn(1, 2, 6, 6, device="cuda")
+    with pytest.raises(ValueError, match="same device"):
+        lip_cuda.lip2d(x, x.cpu())
+    with pytest.raises(RuntimeError, match="logit on the same device as x"):
+        torch.ops.lip_cuda.lip2d_forward(x, x.cpu(), [3, 3], [2, 2], [1, 1], False)
+
+
+@cuda_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_graph_capture(layout, seed):
+    """No host syncs: forward and backward capture into one CUDA graph."""
+    x, logit = make_inputs((8, 16, 32, 32), torch.float32, "cuda", layout, 12)
+    x.requires_grad_()
+    logit.requires_grad_()
+    grad_out = torch.randn(8, 16, 16, 16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        for _ in range(2):
+            torch.autograd.grad(lip_cuda.lip2d(x, logit), (x, logit), grad_out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lip_cuda.lip2d(x, logit)
+        gx, gl = torch.autograd.grad(y, (x, logit), grad_out)
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        logit.copy_(torch.rand_like(logit) * 12)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), 3, 2, 1)
+    for got, want in ((y, y_ref), (gx, gx_ref), (gl, gl_ref)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_cuda_over_2_31_elements_index_correctly(seed):
+    """x of more than 2^31 elements takes the 64-bit offsets; its last channel
+    (offsets past 2^31) must equal the same channel run alone (32-bit)."""
+    shape = (1, 8, 16384, 16400)  # 2,149,580,800 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip("needs about 30 GiB of free GPU memory")
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    logit = torch.rand(shape, device="cuda", dtype=torch.float16) * 12
+    assert x.numel() > 2**31
+    x.requires_grad_()
+    logit.requires_grad_()
+    y = lip_cuda.lip2d(x, logit)
+    grad_out = torch.randn_like(y)
+    gx, gl = torch.autograd.grad(y, (x, logit), grad_out)
+    x_last, l_last = x[:, -1:].detach().clone(), logit[:, -1:].detach().clone()
+    y_last, gx_last, gl_last = run_fused(x_last, l_last, grad_out[:, -1:].contiguous(), 3, 2, 1, False)
+    assert torch.equal(y[:, -1:], y_last)
+    assert torch.equal(gx[:, -1:], gx_last)
+    assert torch.equal(gl[:, -1:], gl_last)
