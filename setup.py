@@ -5,6 +5,7 @@ CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit is found
 Install with:  pip install --no-build-isolation -e .
 """
 import os
+import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -32,9 +33,18 @@ def default_cuda_arch_list() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
+def native_cpu_flags() -> list:
+    # The CPU kernels use the widest SIMD registers of the machine that builds
+    # them (this is a source build); LIP_CUDA_PORTABLE=1 keeps the default ISA.
+    if os.environ.get("LIP_CUDA_PORTABLE", "0") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return ["-march=native"]
+
+
 def extension():
     sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp"]
-    cxx_flags = ["-O3"]
+    # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
+    cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags()
     if want_cuda():
         default_cuda_arch_list()
         return cpp_extension.CUDAExtension(
