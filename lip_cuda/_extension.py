@@ -1,4 +1,6 @@
 """Loads the compiled extension, which registers the torch.ops.lip_cuda operators."""
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+
 try:
     from . import _C
 except ImportError as error:  # pragma: no cover - only without a build
