@@ -1,0 +1,311 @@
+"""``torch.nn`` modules built on the fused LIP op.
+
+LIP (Local Importance-based Pooling, Gao, Wang and Wu, ICCV 2019) pools a
+feature map ``x`` with weights ``exp(logit)``, where the logits come from a
+small "logit module" applied to the features. This file holds the pooling
+module itself (:class:`LIP2d`), the paper's gate (:class:`SoftGate`) and the
+three logit modules LIP-ResNet uses:
+
+* :class:`SimplifiedLIP` -- conv3x3 + InstanceNorm + gate on ``x`` itself; it
+  replaces the stem max pool.
+* :class:`BottleneckShared` + :class:`BottleneckLIP` -- the "Bottleneck-128"
+  logit module: one shared trunk computed from a block's input feeds several
+  cheap 1x1 heads, one per tensor that the block downsamples.
+
+Submodule and parameter names follow the authors' implementation
+(github.com/sebgao/LIP, ``imagenet/lip_resnet.py``) so that its published
+checkpoints load with ``load_state_dict(strict=True)``.
+
+Every LIP module takes ``use_reference``: ``False`` runs the fused, overflow-safe
+op (:func:`lip_cuda.functional.lip2d`), ``True`` runs the plain PyTorch
+formulation (:func:`lip_cuda.reference.lip2d_reference`). Both compute the same
+function; the flag exists for testing and benchmarking, and can be flipped on
+a whole network with :func:`set_lip_backend`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+import torch
+from torch import Tensor, nn
+
+from .functional import lip2d
+from .reference import lip2d_reference
+
+__all__ = [
+    "SoftGate",
+    "LIP2d",
+    "SimplifiedLIP",
+    "BottleneckShared",
+    "BottleneckLIP",
+    "set_lip_backend",
+    "lip_logit_convs",
+]
+
+#: Width of the shared trunk of the Bottleneck logit module ("Bottleneck-128").
+DEFAULT_BOTTLENECK_WIDTH = 128
+#: The paper's gate maps logits into [0, COEFF].
+DEFAULT_GATE_COEFF = 12.0
+
+
+class SoftGate(nn.Module):
+    """``coeff * sigmoid(x)``: bounds the logits to ``[0, coeff]``.
+
+    Bounded logits keep the importance weights ``exp(logit)`` within a factor
+    ``exp(coeff)`` of each other, which is what the paper found trains stably.
+
+    Shape:
+        any shape in, same shape out.
+
+    Example::
+
+        >>> gate = SoftGate()
+        >>> gate(torch.zeros(2))   # sigmoid(0) = 0.5
+        tensor([6., 6.])
+    """
+
+    def __init__(self, coeff: float = DEFAULT_GATE_COEFF) -> None:
+        super().__init__()
+        self.coeff = float(coeff)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(x) * self.coeff
+
+    def extra_repr(self) -> str:
+        return f"coeff={self.coeff}"
+
+
+class LIP2d(nn.Module):
+    """Parameter-free LIP pooling of ``x`` with given logits.
+
+    ``y = avg_pool2d(x * exp(logit)) / avg_pool2d(exp(logit))`` over each
+    ``kernel_size`` window, i.e. a softmax-weighted average per window. Padded
+    positions carry no weight, so with constant logits this is
+    ``avg_pool2d(..., count_include_pad=False)``.
+
+    Args:
+        kernel_size, stride, padding, ceil_mode: as in ``nn.AvgPool2d``.
+        use_reference: run the unfused PyTorch formulation instead of the
+            fused op (same result, more memory, overflows for large logits).
+
+    Shape:
+        x, logit: ``(N, C, H, W)``, same shape; differing floating dtypes
+        are promoted, as in the paper's formula.
+        output: ``(N, C, H_out, W_out)`` with ``H_out`` as for ``avg_pool2d``.
+
+    Example::
+
+        >>> pool = LIP2d()                      # 3x3 window, stride 2, pad 1
+        >>> x = torch.randn(2, 8, 32, 32)
+        >>> pool(x, torch.randn_like(x)).shape
+        torch.Size([2, 8, 16, 16])
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 2,
+        padding: int = 1,
+        ceil_mode: bool = False,
+        use_reference: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.ceil_mode = ceil_mode
+        self.use_reference = use_reference
+
+    def forward(self, x: Tensor, logit: Tensor) -> Tensor:
+        # Mixed dtypes (e.g. under autocast) are promoted by both ops, as the
+        # paper's formula ``x * exp(logit)`` would.
+        op = lip2d_reference if self.use_reference else lip2d
+        return op(x, logit, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        s = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        if self.ceil_mode:
+            s += ", ceil_mode=True"
+        if self.use_reference:
+            s += ", use_reference=True"
+        return s
+
+
+class SimplifiedLIP(nn.Module):
+    """LIP with a one-layer logit module: ``SoftGate(IN(conv3x3(x)))``.
+
+    Used in place of LIP-ResNet's stem max pool (3x3 window, stride 2, pad 1).
+    The conv starts at zero, so the logits start constant and the module
+    starts out as ``avg_pool2d(x, 3, 2, 1, count_include_pad=False)``.
+
+    State-dict keys: ``logit.conv.weight``, ``logit.bn.weight``,
+    ``logit.bn.bias`` (the paper's names; ``bn`` is an InstanceNorm).
+
+    Args:
+        channels: ``C`` of the input.
+        use_reference: pool with the unfused reference op.
+
+    Shape:
+        x: ``(N, C, H, W)`` -> ``(N, C, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1)``.
+
+    Example::
+
+        >>> lip = SimplifiedLIP(64)
+        >>> lip(torch.randn(2, 64, 56, 56)).shape
+        torch.Size([2, 64, 28, 28])
+    """
+
+    def __init__(self, channels: int, use_reference: bool = False) -> None:
+        super().__init__()
+        self.logit = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(channels, channels, 3, padding=1, bias=False)),
+                    ("bn", nn.InstanceNorm2d(channels, affine=True)),
+                    ("gate", SoftGate()),
+                ]
+            )
+        )
+        self.pool = LIP2d(3, 2, 1, use_reference=use_reference)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the logit conv (start as average pooling) and reset the norm."""
+        nn.init.zeros_(self.logit.conv.weight)
+        self.logit.bn.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x, self.logit(x))
+
+
+class BottleneckShared(nn.Module):
+    """Shared trunk of the Bottleneck logit module.
+
+    ``relu(IN(conv3x3(relu(IN(conv1x1(x))))))`` with ``width`` channels. One
+    trunk per LIP-ResNet downsampling block; its output feeds every
+    :class:`BottleneckLIP` head of that block.
+
+    State-dict keys: ``logit.conv1.weight``, ``logit.bn1.{weight,bias}``,
+    ``logit.conv2.weight``, ``logit.bn2.{weight,bias}``.
+
+    Args:
+        channels: ``C`` of the input.
+        width: trunk width (the paper's "Bottleneck-128" uses 128).
+
+    Shape:
+        x: ``(N, C, H, W)`` -> ``(N, width, H, W)``.
+
+    Example::
+
+        >>> trunk = BottleneckShared(256)
+        >>> trunk(torch.randn(2, 256, 28, 28)).shape
+        torch.Size([2, 128, 28, 28])
+    """
+
+    def __init__(self, channels: int, width: int = DEFAULT_BOTTLENECK_WIDTH) -> None:
+        super().__init__()
+        self.logit = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(channels, width, 1, bias=False)),
+                    ("bn1", nn.InstanceNorm2d(width, affine=True)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("conv2", nn.Conv2d(width, width, 3, padding=1, bias=False)),
+                    ("bn2", nn.InstanceNorm2d(width, affine=True)),
+                    ("relu2", nn.ReLU(inplace=True)),
+                ]
+            )
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logit(x)
+
+
+class BottleneckLIP(nn.Module):
+    """LIP whose logits are a 1x1 head on a :class:`BottleneckShared` output.
+
+    ``forward(x, shared) = lip2d(x, SoftGate(IN(conv1x1(shared))))`` with a 3x3
+    window, stride 2, padding 1. ``x`` and ``shared`` share ``H, W`` but not
+    channels: the head maps ``width`` channels to ``x``'s ``channels``. The
+    head conv starts at zero, so the module starts as average pooling.
+
+    State-dict keys: ``postprocessing.conv.weight``,
+    ``postprocessing.bn.{weight,bias}``.
+
+    Args:
+        channels: ``C`` of ``x``.
+        width: channels of ``shared``.
+        use_reference: pool with the unfused reference op.
+
+    Shape:
+        x: ``(N, C, H, W)``, shared: ``(N, width, H, W)``
+        -> ``(N, C, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1)``.
+
+    Example::
+
+        >>> trunk, head = BottleneckShared(256), BottleneckLIP(256)
+        >>> x = torch.randn(2, 256, 28, 28)
+        >>> head(x, trunk(x)).shape
+        torch.Size([2, 256, 14, 14])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        width: int = DEFAULT_BOTTLENECK_WIDTH,
+        use_reference: bool = False,
+    ) -> None:
+        super().__init__()
+        self.postprocessing = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(width, channels, 1, bias=False)),
+                    ("bn", nn.InstanceNorm2d(channels, affine=True)),
+                    ("gate", SoftGate()),
+                ]
+            )
+        )
+        self.pool = LIP2d(3, 2, 1, use_reference=use_reference)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the head conv (start as average pooling) and reset the norm."""
+        nn.init.zeros_(self.postprocessing.conv.weight)
+        self.postprocessing.bn.reset_parameters()
+
+    def forward(self, x: Tensor, shared: Tensor) -> Tensor:
+        return self.pool(x, self.postprocessing(shared))
+
+
+def set_lip_backend(module: nn.Module, use_reference: bool) -> nn.Module:
+    """Switch every :class:`LIP2d` inside ``module`` to the fused op
+    (``use_reference=False``) or to the reference formulation (``True``).
+
+    Weights are untouched, so one model can be run both ways. Returns
+    ``module``.
+
+    Example::
+
+        >>> from lip_cuda.models import lip_resnet50
+        >>> model = set_lip_backend(lip_resnet50(), use_reference=True)
+    """
+    for m in module.modules():
+        if isinstance(m, LIP2d):
+            m.use_reference = use_reference
+    return module
+
+
+def _lip_modules(module: nn.Module) -> list[nn.Module]:
+    """The LIP logit modules with a zero-initialised conv inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, (SimplifiedLIP, BottleneckLIP))]
+
+
+def lip_logit_convs(module: nn.Module) -> list[nn.Conv2d]:
+    """The last conv of every LIP logit head in ``module`` (the ones that start
+    at zero). Handy for tests and for giving those weights their own
+    optimiser settings."""
+    convs: list[nn.Conv2d] = []
+    for m in _lip_modules(module):
+        convs.append(m.logit.conv if isinstance(m, SimplifiedLIP) else m.postprocessing.conv)
+    return convs
+
