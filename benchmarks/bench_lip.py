@@ -8,7 +8,10 @@ LIP layers of LIP-ResNet-50:
   ``avg_pool2d(x * exp(l)) / avg_pool2d(exp(l))`` in eager PyTorch,
 * ``compiled``  - ``torch.compile(lip2d_reference)`` (on the GPU by default,
   ``--no-compile`` skips it; on the CPU only with ``--compile``, since
-  compiling there takes tens of seconds per case).
+  compiling there takes tens of seconds per case). Each case gets a fresh
+  ``torch.compile(..., dynamic=False)`` after ``torch._dynamo.reset()``, with
+  ``torch._functorch.config.donated_buffer = False`` so that its backward can
+  run with ``retain_graph=True`` (donation only saves memory in backward).
 
 It runs on the GPU when one is visible and on the CPU otherwise, and prints
 one table: forward, backward and forward+backward medians, the fused
@@ -191,9 +194,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark fused LIP pooling (lip_cuda.lip2d) against the PyTorch "
         "reference and torch.compile(reference), on the GPU if visible, else the CPU.",
-        epilog="Shapes: " + ", ".join(f"{k}={c}x{h}x{w}" for k, (c, h, w) in {**LAYERS, **LARGE}.items())
-        + " (per image; 'tiny' is a smoke-test shape). "
-        "Default: all LIP-ResNet-50 layers, plus 'large' on the GPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="shapes (per image C x H x W; 'tiny' is a smoke-test shape):\n  "
+        + ", ".join(f"{k}={c}x{h}x{w}" for k, (c, h, w) in LAYERS.items())
+        + "\n  " + ", ".join(f"{k}={c}x{h}x{w}" for k, (c, h, w) in LARGE.items())
+        + "\n  default: all LIP-ResNet-50 layers, plus 'large' on the GPU\n"
+        "method (details in this file's docstring):\n"
+        "  medians of CUDA-event (GPU) or perf_counter (CPU) per-call times after warm-up;\n"
+        "  calls rotate over fresh random input sets larger than the cache;\n"
+        "  backward = autograd.grad(retain_graph=True) on graphs built before timing;\n"
+        "  GB/s = (2.5 + 4.75) * numel * elem_size / fwd+bwd time, for every impl (GPU only)",
     )
     p.add_argument("--shapes", type=str, default=None,
                    help="comma list of shape names (default: the 7 layers, + large on GPU)")
