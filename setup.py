@@ -41,10 +41,18 @@ def native_cpu_flags() -> list:
     return ["-march=native"]
 
 
+def openmp_flags() -> list:
+    # at::parallel_for is inline: with torch's OpenMP backend it only runs in
+    # parallel if the extension itself is compiled with OpenMP.
+    import torch
+
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def extension():
     sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp"]
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
-    cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags()
+    cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags() + openmp_flags()
     if want_cuda():
         default_cuda_arch_list()
         return cpp_extension.CUDAExtension(
@@ -52,8 +60,11 @@ def extension():
             sources + [f"{CSRC}/lip2d_cuda.cu"],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=openmp_flags(),
         )
-    return cpp_extension.CppExtension("lip_cuda._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension(
+        "lip_cuda._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp_flags()
+    )
 
 
 setup(
