@@ -1,12 +1,15 @@
 // CPU kernels.
 //
-// float32, float16 and bfloat16 run on blocks of kLanes channels of one
-// image: the block is converted to float in a lane-minor buffer [H][W][lane]
-// (from either memory format), so that every window step is a loop over
-// lanes that the compiler vectorises, exp and log included
-// (lip_cpu_math.h). Per window: max first, then the sums of exp(l - max);
-// backward is a gather over the covering outputs of each input pixel. The
+// float32, float16 and bfloat16 run in float lanes (lip_cpu_math.h): each
+// step of a window handles kLanes channels of one pixel at once, exp and log
+// included. Per window: the max first, then the sums of exp(l - max);
+// backward is a gather over the outputs covering each input pixel. The
 // window geometry is lip_window.h's, shared with the CUDA kernels.
+// - channels_last: channels are contiguous, so lanes load straight from the
+//   tensors; parallel over output (forward) or input (backward) rows.
+// - contiguous NCHW: a block of kLanes channel planes of one image is first
+//   transposed into a lane-minor float buffer [H][W][lane], computed there,
+//   and transposed back; parallel over (image, channel block).
 //
 // float64 runs the per-element functions of lip_window.h, the very code the
 // CUDA kernels run, one output (or input) element per loop iteration.
@@ -16,9 +19,10 @@
 
 #include <algorithm>
 #include <limits>
-#include <type_traits>
 #include <memory>
+#include <type_traits>
 
+#include "lip_cpu_lanes_io.h"
 #include "lip_cpu_math.h"
 #include "lip_kernels.h"
 
@@ -29,74 +33,161 @@ using cpu_math::exp_lanes;
 using cpu_math::kLanes;
 using cpu_math::Lanes;
 using cpu_math::load;
+using cpu_math::load_lanes;
 using cpu_math::log_lanes;
 using cpu_math::max_lanes;
 using cpu_math::splat;
 using cpu_math::store;
+using cpu_math::store_lanes;
 
 // Elements per task of the float64 element loops.
 constexpr int64_t kGrainSize = 4096;
+
+// The window softmax of one output over all lanes. logit_at(h, w) and
+// x_at(h, w) load the lanes of input pixel (h, w).
+template <typename LogitAt, typename XAt>
+inline void window_softmax(int64_t h0, int64_t h1, int64_t w0, int64_t w1, LogitAt logit_at,
+                           XAt x_at, Lanes& y, Lanes& lse) {
+  Lanes m = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      m = max_lanes(m, logit_at(h, w));  // NaN: skipped here, poisons the sums
+    }
+  }
+  Lanes sum = splat(0.0f);
+  Lanes weighted = splat(0.0f);
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const Lanes e = exp_lanes(logit_at(h, w) - m);
+      sum += e;
+      weighted += e * x_at(h, w);
+    }
+  }
+  y = weighted / sum;
+  lse = m + log_lanes(sum);
+}
+
+// Both gradients of one input pixel over all lanes: outputs (oh0..oh1) x
+// (ow0..ow1) cover it; output_at(oh, ow, g, y, lse) loads their lanes.
+template <typename OutputAt>
+inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
+                         OutputAt output_at, Lanes& dx, Lanes& dl) {
+  dx = splat(0.0f);
+  dl = splat(0.0f);
+  for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    for (int64_t ow = ow0; ow <= ow1; ++ow) {
+      Lanes g, y, lse;
+      output_at(oh, ow, g, y, lse);
+      const Lanes gp = g * exp_lanes(li - lse);
+      dx += gp;
+      dl += gp * (xi - y);
+    }
+  }
+}
+
+// ---- channels_last: lanes straight from the tensors ------------------------
+
+template <typename scalar_t>
+void forward_channels_last(const at::Tensor& x, const at::Tensor& logit, const LipGeometry& g,
+                           const at::Tensor& out, const at::Tensor& lse) {
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* l_ptr = logit.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  float* lse_ptr = lse.mutable_data_ptr<float>();
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.OH;
+      const int64_t oh = row % g.OH;
+      int64_t h0, h1;
+      window_range(oh, g.kH, g.sH, g.pH, g.H, h0, h1);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        int64_t w0, w1;
+        window_range(ow, g.kW, g.sW, g.pW, g.W, w0, w1);
+        for (int64_t c0 = 0; c0 < g.C; c0 += kLanes) {
+          const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
+          const auto pixel = [&](int64_t h, int64_t w) { return ((n * g.H + h) * g.W + w) * g.C + c0; };
+          Lanes y, lse_lanes;
+          window_softmax(
+              h0, h1, w0, w1, [&](int64_t h, int64_t w) { return load_lanes(l_ptr + pixel(h, w), count); },
+              [&](int64_t h, int64_t w) { return load_lanes(x_ptr + pixel(h, w), count); }, y,
+              lse_lanes);
+          const int64_t o = ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
+          store_lanes(out_ptr + o, y, count);
+          store_lanes(lse_ptr + o, lse_lanes, count);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const at::Tensor& grad_out, const at::Tensor& x,
+                            const at::Tensor& logit, const at::Tensor& out, const at::Tensor& lse,
+                            const LipGeometry& g, const at::Tensor& grad_x,
+                            const at::Tensor& grad_logit) {
+  const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* l_ptr = logit.const_data_ptr<scalar_t>();
+  const scalar_t* y_ptr = out.const_data_ptr<scalar_t>();
+  const float* lse_ptr = lse.const_data_ptr<float>();
+  scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+  scalar_t* gl_ptr = grad_logit.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.H;
+      const int64_t h = row % g.H;
+      int64_t oh0, oh1;
+      covering_outputs(h, g.kH, g.sH, g.pH, g.OH, oh0, oh1);
+      for (int64_t w = 0; w < g.W; ++w) {
+        int64_t ow0, ow1;
+        covering_outputs(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
+        for (int64_t c0 = 0; c0 < g.C; c0 += kLanes) {
+          const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
+          const int64_t i = ((n * g.H + h) * g.W + w) * g.C + c0;
+          Lanes dx, dl;
+          gather_grads(
+              oh0, oh1, ow0, ow1, load_lanes(x_ptr + i, count), load_lanes(l_ptr + i, count),
+              [&](int64_t oh, int64_t ow, Lanes& go, Lanes& y, Lanes& lse_lanes) {
+                const int64_t o = ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
+                go = load_lanes(g_ptr + o, count);
+                y = load_lanes(y_ptr + o, count);
+                lse_lanes = load_lanes(lse_ptr + o, count);
+              },
+              dx, dl);
+          store_lanes(gx_ptr + i, dx, count);
+          store_lanes(gl_ptr + i, dl, count);
+        }
+      }
+    }
+  });
+}
+
+// ---- contiguous NCHW: channel blocks transposed into lane-minor buffers -----
 
 struct ChannelBlock {
   int64_t n, c0, lanes;  // image, first channel, channels in use (<= kLanes)
 };
 
-// Copies channels [c0, c0 + lanes) of image n of a dense (N, C, rows, cols)
-// tensor into dst[rows][cols][kLanes] as float; unused lanes get `fill`.
-template <bool ChannelsLast, typename src_t>
-void pack_block(const src_t* src, const ChannelBlock& b, int64_t C, int64_t rows, int64_t cols,
-                float fill, float* dst) {
-  const int64_t pixels = rows * cols;
-  if (ChannelsLast) {
-    const src_t* base = src + b.n * pixels * C + b.c0;
-    // A full block gets a fixed trip count: the compiler then emits vector
-    // moves instead of a memcpy call per pixel.
-    if (b.lanes == kLanes) {
-      for (int64_t px = 0; px < pixels; ++px) {
-        for (int64_t c = 0; c < kLanes; ++c) dst[px * kLanes + c] = static_cast<float>(base[px * C + c]);
-      }
-      return;
-    }
-    for (int64_t px = 0; px < pixels; ++px) {
-      const src_t* s = base + px * C;
-      float* d = dst + px * kLanes;
-      for (int64_t c = 0; c < b.lanes; ++c) d[c] = static_cast<float>(s[c]);
-      for (int64_t c = b.lanes; c < kLanes; ++c) d[c] = fill;
-    }
-  } else {
-    for (int64_t c = 0; c < kLanes; ++c) {
-      if (c < b.lanes) {
-        const src_t* s = src + (b.n * C + b.c0 + c) * pixels;
-        for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = static_cast<float>(s[px]);
-      } else {
-        for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = fill;
-      }
+// Copies planes [c0, c0 + lanes) of image n of an NCHW tensor with planes of
+// `pixels` elements into dst[pixel][kLanes] as float; unused lanes read 0.
+template <typename src_t>
+void pack_planes(const src_t* src, const ChannelBlock& b, int64_t C, int64_t pixels, float* dst) {
+  for (int64_t c = 0; c < kLanes; ++c) {
+    if (c < b.lanes) {
+      const src_t* plane = src + (b.n * C + b.c0 + c) * pixels;
+      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = static_cast<float>(plane[px]);
+    } else {
+      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = 0.0f;
     }
   }
 }
 
-// The inverse of pack_block: writes the used lanes of src[rows][cols][kLanes]
-// to channels [c0, c0 + lanes) of image n of a dense tensor.
-template <bool ChannelsLast, typename dst_t>
-void unpack_block(const float* src, const ChannelBlock& b, int64_t C, int64_t rows, int64_t cols,
-                  dst_t* dst) {
-  const int64_t pixels = rows * cols;
-  if (ChannelsLast) {
-    dst_t* base = dst + b.n * pixels * C + b.c0;
-    if (b.lanes == kLanes) {  // fixed trip count, as in pack_block
-      for (int64_t px = 0; px < pixels; ++px) {
-        for (int64_t c = 0; c < kLanes; ++c) base[px * C + c] = static_cast<dst_t>(src[px * kLanes + c]);
-      }
-      return;
-    }
-    for (int64_t px = 0; px < pixels; ++px) {
-      for (int64_t c = 0; c < b.lanes; ++c) base[px * C + c] = static_cast<dst_t>(src[px * kLanes + c]);
-    }
-  } else {
-    for (int64_t c = 0; c < b.lanes; ++c) {
-      dst_t* d = dst + (b.n * C + b.c0 + c) * pixels;
-      for (int64_t px = 0; px < pixels; ++px) d[px] = static_cast<dst_t>(src[px * kLanes + c]);
-    }
+// The inverse of pack_planes for the lanes in use.
+template <typename dst_t>
+void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst) {
+  for (int64_t c = 0; c < b.lanes; ++c) {
+    dst_t* plane = dst + (b.n * C + b.c0 + c) * pixels;
+    for (int64_t px = 0; px < pixels; ++px) plane[px] = static_cast<dst_t>(src[px * kLanes + c]);
   }
 }
 
@@ -117,54 +208,44 @@ void for_each_block(const LipGeometry& g, int64_t scratch_floats, Fn&& fn) {
   });
 }
 
-template <bool ChannelsLast, typename scalar_t>
-void forward_blocks(const at::Tensor& x, const at::Tensor& logit, const LipGeometry& g,
+template <typename scalar_t>
+void forward_planes(const at::Tensor& x, const at::Tensor& logit, const LipGeometry& g,
                     const at::Tensor& out, const at::Tensor& lse) {
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* l_ptr = logit.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   float* lse_ptr = lse.mutable_data_ptr<float>();
-  const int64_t plane = g.H * g.W * kLanes;
-  const int64_t out_plane = g.OH * g.OW * kLanes;
-  for_each_block(g, 2 * plane + 2 * out_plane, [&](const ChannelBlock& b, float* scratch) {
-    float* xb = scratch;
-    float* lb = xb + plane;
-    float* yb = lb + plane;
-    float* lseb = yb + out_plane;
-    pack_block<ChannelsLast>(x_ptr, b, g.C, g.H, g.W, 0.0f, xb);
-    pack_block<ChannelsLast>(l_ptr, b, g.C, g.H, g.W, 0.0f, lb);
+  const int64_t in_pixels = g.H * g.W;
+  const int64_t out_pixels = g.OH * g.OW;
+  const int64_t scratch = (2 * in_pixels + 2 * out_pixels) * kLanes;
+  for_each_block(g, scratch, [&](const ChannelBlock& b, float* buffer) {
+    float* xb = buffer;
+    float* lb = xb + in_pixels * kLanes;
+    float* yb = lb + in_pixels * kLanes;
+    float* lseb = yb + out_pixels * kLanes;
+    pack_planes(x_ptr, b, g.C, in_pixels, xb);
+    pack_planes(l_ptr, b, g.C, in_pixels, lb);
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       int64_t h0, h1;
       window_range(oh, g.kH, g.sH, g.pH, g.H, h0, h1);
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         int64_t w0, w1;
         window_range(ow, g.kW, g.sW, g.pW, g.W, w0, w1);
-        Lanes m = splat(-std::numeric_limits<float>::infinity());
-        for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t w = w0; w < w1; ++w) {
-            m = max_lanes(m, load(lb + (h * g.W + w) * kLanes));
-          }
-        }
-        Lanes s = splat(0.0f);
-        Lanes a = splat(0.0f);
-        for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t w = w0; w < w1; ++w) {
-            const Lanes e = exp_lanes(load(lb + (h * g.W + w) * kLanes) - m);
-            s += e;
-            a += e * load(xb + (h * g.W + w) * kLanes);
-          }
-        }
-        store(yb + (oh * g.OW + ow) * kLanes, a / s);
-        store(lseb + (oh * g.OW + ow) * kLanes, m + log_lanes(s));
+        Lanes y, lse_lanes;
+        window_softmax(
+            h0, h1, w0, w1, [&](int64_t h, int64_t w) { return load(lb + (h * g.W + w) * kLanes); },
+            [&](int64_t h, int64_t w) { return load(xb + (h * g.W + w) * kLanes); }, y, lse_lanes);
+        store(yb + (oh * g.OW + ow) * kLanes, y);
+        store(lseb + (oh * g.OW + ow) * kLanes, lse_lanes);
       }
     }
-    unpack_block<ChannelsLast>(yb, b, g.C, g.OH, g.OW, out_ptr);
-    unpack_block<ChannelsLast>(lseb, b, g.C, g.OH, g.OW, lse_ptr);
+    unpack_planes(yb, b, g.C, out_pixels, out_ptr);
+    unpack_planes(lseb, b, g.C, out_pixels, lse_ptr);
   });
 }
 
-template <bool ChannelsLast, typename scalar_t>
-void backward_blocks(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& logit,
+template <typename scalar_t>
+void backward_planes(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& logit,
                      const at::Tensor& out, const at::Tensor& lse, const LipGeometry& g,
                      const at::Tensor& grad_x, const at::Tensor& grad_logit) {
   const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
@@ -174,47 +255,49 @@ void backward_blocks(const at::Tensor& grad_out, const at::Tensor& x, const at::
   const float* lse_ptr = lse.const_data_ptr<float>();
   scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
   scalar_t* gl_ptr = grad_logit.mutable_data_ptr<scalar_t>();
-  const int64_t in_plane = g.H * g.W * kLanes;
-  const int64_t out_plane = g.OH * g.OW * kLanes;
-  for_each_block(g, 4 * in_plane + 3 * out_plane, [&](const ChannelBlock& b, float* scratch) {
-    float* xb = scratch;
-    float* lb = xb + in_plane;
-    float* dxb = lb + in_plane;
-    float* dlb = dxb + in_plane;
-    float* gb = dlb + in_plane;
-    float* yb = gb + out_plane;
-    float* lseb = yb + out_plane;
-    pack_block<ChannelsLast>(x_ptr, b, g.C, g.H, g.W, 0.0f, xb);
-    pack_block<ChannelsLast>(l_ptr, b, g.C, g.H, g.W, 0.0f, lb);
-    pack_block<ChannelsLast>(g_ptr, b, g.C, g.OH, g.OW, 0.0f, gb);
-    pack_block<ChannelsLast>(y_ptr, b, g.C, g.OH, g.OW, 0.0f, yb);
-    pack_block<ChannelsLast>(lse_ptr, b, g.C, g.OH, g.OW, 0.0f, lseb);
+  const int64_t in_pixels = g.H * g.W;
+  const int64_t out_pixels = g.OH * g.OW;
+  const int64_t scratch = (4 * in_pixels + 3 * out_pixels) * kLanes;
+  for_each_block(g, scratch, [&](const ChannelBlock& b, float* buffer) {
+    float* xb = buffer;
+    float* lb = xb + in_pixels * kLanes;
+    float* dxb = lb + in_pixels * kLanes;
+    float* dlb = dxb + in_pixels * kLanes;
+    float* gb = dlb + in_pixels * kLanes;
+    float* yb = gb + out_pixels * kLanes;
+    float* lseb = yb + out_pixels * kLanes;
+    pack_planes(x_ptr, b, g.C, in_pixels, xb);
+    pack_planes(l_ptr, b, g.C, in_pixels, lb);
+    pack_planes(g_ptr, b, g.C, out_pixels, gb);
+    pack_planes(y_ptr, b, g.C, out_pixels, yb);
+    pack_planes(lse_ptr, b, g.C, out_pixels, lseb);
     for (int64_t h = 0; h < g.H; ++h) {
       int64_t oh0, oh1;
       covering_outputs(h, g.kH, g.sH, g.pH, g.OH, oh0, oh1);
       for (int64_t w = 0; w < g.W; ++w) {
         int64_t ow0, ow1;
         covering_outputs(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
-        const Lanes xi = load(xb + (h * g.W + w) * kLanes);
-        const Lanes li = load(lb + (h * g.W + w) * kLanes);
-        Lanes dx = splat(0.0f);
-        Lanes dl = splat(0.0f);
-        for (int64_t oh = oh0; oh <= oh1; ++oh) {
-          for (int64_t ow = ow0; ow <= ow1; ++ow) {
-            const int64_t o = (oh * g.OW + ow) * kLanes;
-            const Lanes gp = load(gb + o) * exp_lanes(li - load(lseb + o));
-            dx += gp;
-            dl += gp * (xi - load(yb + o));
-          }
-        }
-        store(dxb + (h * g.W + w) * kLanes, dx);
-        store(dlb + (h * g.W + w) * kLanes, dl);
+        const int64_t i = (h * g.W + w) * kLanes;
+        Lanes dx, dl;
+        gather_grads(
+            oh0, oh1, ow0, ow1, load(xb + i), load(lb + i),
+            [&](int64_t oh, int64_t ow, Lanes& go, Lanes& y, Lanes& lse_lanes) {
+              const int64_t o = (oh * g.OW + ow) * kLanes;
+              go = load(gb + o);
+              y = load(yb + o);
+              lse_lanes = load(lseb + o);
+            },
+            dx, dl);
+        store(dxb + i, dx);
+        store(dlb + i, dl);
       }
     }
-    unpack_block<ChannelsLast>(dxb, b, g.C, g.H, g.W, gx_ptr);
-    unpack_block<ChannelsLast>(dlb, b, g.C, g.H, g.W, gl_ptr);
+    unpack_planes(dxb, b, g.C, in_pixels, gx_ptr);
+    unpack_planes(dlb, b, g.C, in_pixels, gl_ptr);
   });
 }
+
+// ---- float64: the shared element functions ---------------------------------
 
 template <bool ChannelsLast>
 void forward_elements_f64(const at::Tensor& x, const at::Tensor& logit, const LipGeometry& g,
@@ -260,8 +343,8 @@ void lip2d_forward_cpu(const at::Tensor& x, const at::Tensor& logit, const LipGe
       channels_last ? forward_elements_f64<true>(x, logit, geom, out, lse)
                     : forward_elements_f64<false>(x, logit, geom, out, lse);
     } else {
-      channels_last ? forward_blocks<true, scalar_t>(x, logit, geom, out, lse)
-                    : forward_blocks<false, scalar_t>(x, logit, geom, out, lse);
+      channels_last ? forward_channels_last<scalar_t>(x, logit, geom, out, lse)
+                    : forward_planes<scalar_t>(x, logit, geom, out, lse);
     }
   });
 }
@@ -276,10 +359,10 @@ void lip2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
           ? backward_elements_f64<true>(grad_out, x, logit, out, lse, geom, grad_x, grad_logit)
           : backward_elements_f64<false>(grad_out, x, logit, out, lse, geom, grad_x, grad_logit);
     } else {
-      channels_last ? backward_blocks<true, scalar_t>(grad_out, x, logit, out, lse, geom, grad_x,
-                                                      grad_logit)
-                    : backward_blocks<false, scalar_t>(grad_out, x, logit, out, lse, geom,
-                                                       grad_x, grad_logit);
+      channels_last ? backward_channels_last<scalar_t>(grad_out, x, logit, out, lse, geom,
+                                                       grad_x, grad_logit)
+                    : backward_planes<scalar_t>(grad_out, x, logit, out, lse, geom, grad_x,
+                                                grad_logit);
     }
   });
 }

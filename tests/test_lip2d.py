@@ -115,7 +115,7 @@ TOLERANCE = {torch.float16: (4e-3, 8e-3), torch.bfloat16: (2e-2, 4e-2),
 @pytest.mark.parametrize("case", [GEOMETRIES[-4], GEOMETRIES[-1], GEOMETRIES[3]], ids=geometry_id)
 def test_dtypes_stable_where_reference_overflows(case, dtype, layout, device, seed):
     k, s, p, ceil, h, w = case
-    x, logit = make_inputs((2, 5, h, w), dtype, device, layout, OVERFLOWING_LOGITS[dtype])
+    x, logit = make_inputs((2, 37, h, w), dtype, device, layout, OVERFLOWING_LOGITS[dtype])
     reference = lip_cuda.lip2d_reference(x, logit, k, s, p, ceil)
     assert not torch.isfinite(reference).all(), "the case must make the reference overflow"
 
@@ -131,12 +131,16 @@ def test_dtypes_stable_where_reference_overflows(case, dtype, layout, device, se
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_paper_gate_in_half_precision(dtype, device, seed):
+def test_paper_gate_in_half_precision(dtype, layout, device, seed):
     """The paper's gate 12 * sigmoid(.) in half precision: the reference has
-    NaN in float16, the fused op is finite and matches float64."""
-    x = torch.randn(4, 16, 28, 28, device=device).to(dtype)
-    logit = (12 * torch.sigmoid(3 * torch.randn(4, 16, 28, 28, device=device))).to(dtype)
+    NaN in float16, the fused op is finite and matches float64. 35 channels:
+    full SIMD channel blocks (vector dtype conversions) and a partial one."""
+    x = torch.randn(4, 35, 28, 28, device=device).to(dtype)
+    logit = (12 * torch.sigmoid(3 * torch.randn(4, 35, 28, 28, device=device))).to(dtype)
+    if layout == "channels_last":
+        x, logit = x.to(memory_format=torch.channels_last), logit.to(memory_format=torch.channels_last)
     y = lip_cuda.lip2d(x, logit)
     want = window_softmax_lip(x.double(), logit.double(), 3, 2, 1)
     if dtype == torch.float16:

@@ -1,0 +1,103 @@
+// Loading kLanes elements of a tensor's dtype into float lanes and storing
+// them back, vectorised: float32 is a plain vector move, bfloat16 a 16-bit
+// shift (stores round to nearest even, as c10 does), float16 the F16C
+// conversion instructions where the target has them. A partial count
+// (the last channels of a row) goes through a zero-padded lane array.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "lip_cpu_math.h"
+
+namespace lip_cuda {
+namespace cpu_math {
+
+typedef uint16_t LaneHalves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t LaneWords __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline Lanes load_full(const float* p) { return load(p); }
+inline void store_full(float* p, Lanes v) { store(p, v); }
+
+inline Lanes load_full(const c10::BFloat16* p) {
+  LaneHalves h;
+  std::memcpy(&h, p, sizeof(h));
+  const LaneWords w = __builtin_convertvector(h, LaneWords) << 16;
+  Lanes v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline void store_full(c10::BFloat16* p, Lanes v) {
+  LaneWords bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  LaneWords rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  LaneInts nan_mask = v != v;
+  LaneWords nan_bits;
+  std::memcpy(&nan_bits, &nan_mask, sizeof(nan_bits));
+  rounded = (nan_bits & 0x7fc0u) | (~nan_bits & rounded);
+  const LaneHalves h = __builtin_convertvector(rounded, LaneHalves);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
+inline Lanes load_full(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Lanes>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  return reinterpret_cast<Lanes>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+
+inline void store_full(c10::Half* p, Lanes v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+#else
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
+#else
+inline Lanes load_full(const c10::Half* p) {
+  float f[kLanes];
+  for (int c = 0; c < kLanes; ++c) f[c] = static_cast<float>(p[c]);
+  return load(f);
+}
+
+inline void store_full(c10::Half* p, Lanes v) {
+  float f[kLanes];
+  store(f, v);
+  for (int c = 0; c < kLanes; ++c) p[c] = static_cast<c10::Half>(f[c]);
+}
+#endif
+
+// The first `count` (<= kLanes) elements; the rest of the lanes read 0.
+template <typename T>
+inline Lanes load_lanes(const T* p, int64_t count) {
+  if (count == kLanes) {
+    return load_full(p);
+  }
+  float f[kLanes] = {};
+  for (int64_t c = 0; c < count; ++c) f[c] = static_cast<float>(p[c]);
+  return load(f);
+}
+
+template <typename T>
+inline void store_lanes(T* p, Lanes v, int64_t count) {
+  if (count == kLanes) {
+    store_full(p, v);
+    return;
+  }
+  float f[kLanes];
+  store(f, v);
+  for (int64_t c = 0; c < count; ++c) p[c] = static_cast<T>(f[c]);
+}
+
+}  // namespace cpu_math
+}  // namespace lip_cuda
