@@ -50,7 +50,7 @@ def openmp_flags() -> list:
 
 
 def extension():
-    sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp"]
+    sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp", f"{CSRC}/lip2d_emulate.cpp"]
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
     cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags() + openmp_flags()
     if want_cuda():

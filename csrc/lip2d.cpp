@@ -1,12 +1,13 @@
 // The lip_cuda operators: schemas, argument checks, output allocation and
 // the per-device registrations. Kernels live in lip2d_cpu.cpp and
-// lip2d_cuda.cu; the autograd formula and the fake (meta) kernels are bound
-// in Python (lip_cuda/_ops.py).
+// lip2d_cuda.cu (and their CPU emulation in lip2d_emulate.cpp); the autograd
+// formula and the fake (meta) kernels are bound in Python (lip_cuda/_ops.py).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 
 #include "lip_kernels.h"
 
@@ -15,6 +16,9 @@ namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
+
+// The kernel that ran last on this thread, for tests and benchmarks.
+thread_local std::string last_kernel;
 
 std::array<int64_t, 2> pair_arg(IntArrayRef values, const char* name) {
   TORCH_CHECK(values.size() == 2, "lip2d: expected ", name,
@@ -31,30 +35,40 @@ at::MemoryFormat kernel_memory_format(const Tensor& x) {
              : at::MemoryFormat::Contiguous;
 }
 
-at::ScalarType lse_dtype(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+// Window statistics (max, 1 / weight sum) are kept in the accumulation type.
+at::ScalarType stats_dtype(at::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_same(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "lip2d: expected ", name,
-              " on the same device as x, but x is on ", x.device(), " and ", name, " on ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lip2d: expected ", name,
-              " to have the same dtype as x (", x.scalar_type(), "), but got ", t.scalar_type(),
-              "; lip_cuda.lip2d promotes mixed floating dtypes for you");
+bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// The dtype the kernels read the logit in: its own when a kernel exists for
+// (x, logit), else float32 for half x (exact for half logits) and x's dtype
+// otherwise. The output and grad_x always have x's dtype, grad_logit the
+// logit's.
+at::ScalarType kernel_logit_dtype(at::ScalarType x_dtype, at::ScalarType logit_dtype) {
+  if (logit_dtype == x_dtype) return x_dtype;
+  return is_half_type(x_dtype) ? at::kFloat : x_dtype;
 }
 
 LipGeometry check_inputs(const Tensor& x, const Tensor& logit, IntArrayRef kernel_size,
                          IntArrayRef stride, IntArrayRef padding, bool ceil_mode) {
   TORCH_CHECK(x.dim() == 4, "lip2d: expected x to be a 4-D (N, C, H, W) tensor, but got a ",
               x.dim(), "-D tensor of shape ", x.sizes());
-  TORCH_CHECK(logit.sizes() == x.sizes(),
-              "lip2d: expected logit to have the same shape as x, but x has shape ", x.sizes(),
-              " and logit has shape ", logit.sizes());
+  TORCH_CHECK(logit.dim() == 4 && (logit.size(0) == x.size(0) || logit.size(0) == 1) &&
+                  (logit.size(1) == x.size(1) || logit.size(1) == 1) &&
+                  logit.size(2) == x.size(2) && logit.size(3) == x.size(3),
+              "lip2d: expected logit to have the same shape as x, ", x.sizes(),
+              ", or size 1 in N and/or C (shared across the batch or the channels), but got "
+              "shape ", logit.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "lip2d: expected x to have a floating-point dtype (float16, bfloat16, float32 or "
               "float64), but got ", x.scalar_type());
-  check_same(logit, "logit", x);
+  TORCH_CHECK(at::isFloatingType(logit.scalar_type()),
+              "lip2d: expected logit to have a floating-point dtype (float16, bfloat16, float32 "
+              "or float64), but got ", logit.scalar_type());
+  TORCH_CHECK(logit.device() == x.device(), "lip2d: expected logit on the same device as x, but x is on ",
+              x.device(), " and logit on ", logit.device());
   TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
               "lip2d: expected C, H and W of x to be non-zero (only the batch may be empty), "
               "but x has shape ", x.sizes());
@@ -88,96 +102,163 @@ LipGeometry check_inputs(const Tensor& x, const Tensor& logit, IntArrayRef kerne
   return g;
 }
 
-using ForwardLauncher = void (*)(const Tensor&, const Tensor&, const LipGeometry&, bool,
-                                 const Tensor&, const Tensor&);
-using BackwardLauncher = void (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&, const LipGeometry&, bool, const Tensor&,
-                                  const Tensor&);
-
-// Returns (out, lse): the pooled values and, per output, the log-sum-exp of
-// its window's logits, which backward needs.
-std::tuple<Tensor, Tensor> lip2d_forward(const Tensor& x, const Tensor& logit,
-                                         IntArrayRef kernel_size, IntArrayRef stride,
-                                         IntArrayRef padding, bool ceil_mode,
-                                         ForwardLauncher launch) {
-  const LipGeometry g = check_inputs(x, logit, kernel_size, stride, padding, ceil_mode);
-  const at::MemoryFormat fmt = kernel_memory_format(x);
-  const c10::OptionalDeviceGuard guard(x.device());
-  const Tensor x_dense = x.contiguous(fmt);
-  const Tensor logit_dense = logit.contiguous(fmt);
-  Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(fmt));
-  Tensor lse = at::empty({g.N, g.C, g.OH, g.OW},
-                         x.options().dtype(lse_dtype(x.scalar_type())).memory_format(fmt));
-  if (out.numel() > 0) {
-    launch(x_dense, logit_dense, g, fmt == at::MemoryFormat::ChannelsLast, out, lse);
-  }
-  return {out, lse};
+// Strides of the dense logit of shape (Nl, Cl, H, W) in format fmt, with 0
+// for a dimension it shares (broadcast); a full logit gets x's strides.
+LogitStrides logit_strides(const LipGeometry& g, const Tensor& logit, bool channels_last) {
+  const int64_t Cl = logit.size(1);
+  const int64_t plane = g.H * g.W;
+  LogitStrides ls{};
+  ls.n = logit.size(0) == g.N ? Cl * plane : 0;
+  ls.c = Cl == g.C ? (channels_last ? 1 : plane) : 0;
+  ls.pixel = channels_last ? Cl : 1;
+  return ls;
 }
 
+// Arguments checked and made dense in the kernels' format and dtypes.
+struct PreparedCall {
+  CallGeometry cg;
+  at::MemoryFormat fmt;
+  Tensor x, logit;  // logit in its kernel dtype
+};
+
+PreparedCall prepare(const Tensor& x, const Tensor& logit, IntArrayRef kernel_size,
+                     IntArrayRef stride, IntArrayRef padding, bool ceil_mode) {
+  const LipGeometry g = check_inputs(x, logit, kernel_size, stride, padding, ceil_mode);
+  const at::MemoryFormat fmt = kernel_memory_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const at::ScalarType ltype = kernel_logit_dtype(x.scalar_type(), logit.scalar_type());
+  return {CallGeometry{g, logit_strides(g, logit, channels_last), channels_last}, fmt,
+          x.contiguous(fmt), logit.to(ltype).contiguous(fmt)};
+}
+
+// Returns (out, window_max, inv_weight_sum): the pooled values and, per
+// output, its window's max logit and 1 / sum exp(l - max), which backward
+// needs. launch(ForwardTensors, CallGeometry) runs the kernels and returns
+// the name of the kernel that ran.
+template <typename Launch>
+std::tuple<Tensor, Tensor, Tensor> lip2d_forward(const Tensor& x, const Tensor& logit,
+                                                 IntArrayRef kernel_size, IntArrayRef stride,
+                                                 IntArrayRef padding, bool ceil_mode,
+                                                 Launch&& launch) {
+  const c10::OptionalDeviceGuard guard(x.device());
+  const PreparedCall call = prepare(x, logit, kernel_size, stride, padding, ceil_mode);
+  const LipGeometry& g = call.cg.g;
+  const auto stats_options =
+      x.options().dtype(stats_dtype(x.scalar_type())).memory_format(call.fmt);
+  Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(call.fmt));
+  Tensor window_max = at::empty({g.N, g.C, g.OH, g.OW}, stats_options);
+  Tensor inv_weight_sum = at::empty({g.N, g.C, g.OH, g.OW}, stats_options);
+  if (out.numel() > 0) {
+    last_kernel = launch(ForwardTensors{call.x, call.logit, out, window_max, inv_weight_sum}, call.cg);
+  }
+  return {out, window_max, inv_weight_sum};
+}
+
+template <typename Launch>
 std::tuple<Tensor, Tensor> lip2d_backward(const Tensor& grad_out, const Tensor& x,
                                           const Tensor& logit, const Tensor& out,
-                                          const Tensor& lse, IntArrayRef kernel_size,
-                                          IntArrayRef stride, IntArrayRef padding,
-                                          bool ceil_mode, BackwardLauncher launch) {
-  const LipGeometry g = check_inputs(x, logit, kernel_size, stride, padding, ceil_mode);
+                                          const Tensor& window_max, const Tensor& inv_weight_sum,
+                                          IntArrayRef kernel_size, IntArrayRef stride,
+                                          IntArrayRef padding, bool ceil_mode, Launch&& launch) {
+  const c10::OptionalDeviceGuard guard(x.device());
+  const PreparedCall call = prepare(x, logit, kernel_size, stride, padding, ceil_mode);
+  const LipGeometry& g = call.cg.g;
   const std::array<int64_t, 4> out_shape{g.N, g.C, g.OH, g.OW};
-  const auto check_output_like = [&](const Tensor& t, const char* name) {
+  const auto check_output_like = [&](const Tensor& t, const char* name, at::ScalarType dtype) {
     TORCH_CHECK(t.sizes() == IntArrayRef(out_shape), "lip2d_backward: expected ", name,
                 " of shape ", IntArrayRef(out_shape), " (the output of lip2d_forward), but got ",
                 t.sizes());
     TORCH_CHECK(t.device() == x.device(), "lip2d_backward: expected ", name,
                 " on the same device as x (", x.device(), "), but got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "lip2d_backward: expected ", name, " of dtype ", dtype,
+                " (as lip2d_forward returns it), but got ", t.scalar_type());
   };
-  check_output_like(grad_out, "grad_out");
-  check_output_like(out, "out");
-  check_output_like(lse, "lse");
-  check_same(grad_out, "grad_out", x);
-  check_same(out, "out", x);
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(x.scalar_type()), "lip2d_backward: expected lse of dtype ",
-              lse_dtype(x.scalar_type()), " (as lip2d_forward returns it), but got ",
-              lse.scalar_type());
+  check_output_like(grad_out, "grad_out", x.scalar_type());
+  check_output_like(out, "out", x.scalar_type());
+  check_output_like(window_max, "window_max", stats_dtype(x.scalar_type()));
+  check_output_like(inv_weight_sum, "inv_weight_sum", stats_dtype(x.scalar_type()));
 
-  const at::MemoryFormat fmt = kernel_memory_format(x);
-  const c10::OptionalDeviceGuard guard(x.device());
-  const Tensor x_dense = x.contiguous(fmt);
-  Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor grad_logit = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const auto options = x.options().memory_format(call.fmt);
+  Tensor grad_x = at::empty(x.sizes(), options);
+  // The kernels write an x-shaped grad_logit in the logit's kernel dtype;
+  // a shared (broadcast) or converted logit gets it reduced and cast.
+  const bool direct =
+      logit.sizes() == x.sizes() && logit.scalar_type() == call.logit.scalar_type();
+  Tensor grad_logit_full = at::empty(x.sizes(), options.dtype(call.logit.scalar_type()));
   if (x.numel() > 0) {
-    launch(grad_out.contiguous(fmt), x_dense, logit.contiguous(fmt), out.contiguous(fmt),
-           lse.contiguous(fmt), g, fmt == at::MemoryFormat::ChannelsLast, grad_x, grad_logit);
+    last_kernel = launch(BackwardTensors{grad_out.contiguous(call.fmt), call.x, call.logit,
+                                         out.contiguous(call.fmt), window_max.contiguous(call.fmt),
+                                         inv_weight_sum.contiguous(call.fmt), grad_x,
+                                         grad_logit_full},
+                         call.cg);
   }
+  if (direct) {
+    return {grad_x, grad_logit_full};
+  }
+  Tensor grad_logit = at::empty(logit.sizes(), logit.options().memory_format(call.fmt));
+  grad_logit.copy_(grad_logit_full.sum_to_size(logit.sizes()));
   return {grad_x, grad_logit};
 }
 
-std::tuple<Tensor, Tensor> lip2d_forward_cpu_op(const Tensor& x, const Tensor& logit,
-                                                IntArrayRef kernel_size, IntArrayRef stride,
-                                                IntArrayRef padding, bool ceil_mode) {
+std::tuple<Tensor, Tensor, Tensor> lip2d_forward_cpu_op(const Tensor& x, const Tensor& logit,
+                                                        IntArrayRef kernel_size, IntArrayRef stride,
+                                                        IntArrayRef padding, bool ceil_mode) {
   return lip2d_forward(x, logit, kernel_size, stride, padding, ceil_mode, &lip2d_forward_cpu);
 }
 
 std::tuple<Tensor, Tensor> lip2d_backward_cpu_op(const Tensor& grad_out, const Tensor& x,
                                                  const Tensor& logit, const Tensor& out,
-                                                 const Tensor& lse, IntArrayRef kernel_size,
-                                                 IntArrayRef stride, IntArrayRef padding,
-                                                 bool ceil_mode) {
-  return lip2d_backward(grad_out, x, logit, out, lse, kernel_size, stride, padding, ceil_mode,
-                        &lip2d_backward_cpu);
-}
-
-#ifdef WITH_CUDA
-std::tuple<Tensor, Tensor> lip2d_forward_cuda_op(const Tensor& x, const Tensor& logit,
+                                                 const Tensor& window_max,
+                                                 const Tensor& inv_weight_sum,
                                                  IntArrayRef kernel_size, IntArrayRef stride,
                                                  IntArrayRef padding, bool ceil_mode) {
+  return lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
+                        padding, ceil_mode, &lip2d_backward_cpu);
+}
+
+// Test-only: the CUDA kernels run on the CPU thread by thread, with the
+// variant ("generic" or "fast") and 64-bit offsets forced. Same arguments
+// and results as the real operators.
+std::tuple<Tensor, Tensor, Tensor> lip2d_forward_emulated_op(
+    const Tensor& x, const Tensor& logit, IntArrayRef kernel_size, IntArrayRef stride,
+    IntArrayRef padding, bool ceil_mode, c10::string_view variant, bool force_int64) {
+  const std::string v(variant);
+  return lip2d_forward(x, logit, kernel_size, stride, padding, ceil_mode,
+                       [&](const ForwardTensors& t, const CallGeometry& cg) {
+                         return lip2d_forward_emulated(t, cg, v, force_int64);
+                       });
+}
+
+std::tuple<Tensor, Tensor> lip2d_backward_emulated_op(
+    const Tensor& grad_out, const Tensor& x, const Tensor& logit, const Tensor& out,
+    const Tensor& window_max, const Tensor& inv_weight_sum, IntArrayRef kernel_size,
+    IntArrayRef stride, IntArrayRef padding, bool ceil_mode, c10::string_view variant,
+    bool force_int64) {
+  const std::string v(variant);
+  return lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
+                        padding, ceil_mode, [&](const BackwardTensors& t, const CallGeometry& cg) {
+                          return lip2d_backward_emulated(t, cg, v, force_int64);
+                        });
+}
+
+std::string lip2d_last_kernel() { return last_kernel; }
+
+#ifdef WITH_CUDA
+std::tuple<Tensor, Tensor, Tensor> lip2d_forward_cuda_op(const Tensor& x, const Tensor& logit,
+                                                         IntArrayRef kernel_size,
+                                                         IntArrayRef stride, IntArrayRef padding,
+                                                         bool ceil_mode) {
   return lip2d_forward(x, logit, kernel_size, stride, padding, ceil_mode, &lip2d_forward_cuda);
 }
 
 std::tuple<Tensor, Tensor> lip2d_backward_cuda_op(const Tensor& grad_out, const Tensor& x,
                                                   const Tensor& logit, const Tensor& out,
-                                                  const Tensor& lse, IntArrayRef kernel_size,
-                                                  IntArrayRef stride, IntArrayRef padding,
-                                                  bool ceil_mode) {
-  return lip2d_backward(grad_out, x, logit, out, lse, kernel_size, stride, padding, ceil_mode,
-                        &lip2d_backward_cuda);
+                                                  const Tensor& window_max,
+                                                  const Tensor& inv_weight_sum,
+                                                  IntArrayRef kernel_size, IntArrayRef stride,
+                                                  IntArrayRef padding, bool ceil_mode) {
+  return lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
+                        padding, ceil_mode, &lip2d_backward_cuda);
 }
 #endif
 
@@ -186,18 +267,31 @@ std::tuple<Tensor, Tensor> lip2d_backward_cuda_op(const Tensor& grad_out, const 
 TORCH_LIBRARY(lip_cuda, m) {
   m.def(
       "lip2d_forward(Tensor x, Tensor logit, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, bool ceil_mode) -> (Tensor out, Tensor lse)",
+      "int[2] padding, bool ceil_mode) -> (Tensor out, Tensor window_max, Tensor inv_weight_sum)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "lip2d_backward(Tensor grad_out, Tensor x, Tensor logit, Tensor out, Tensor lse, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) "
+      "lip2d_backward(Tensor grad_out, Tensor x, Tensor logit, Tensor out, Tensor window_max, "
+      "Tensor inv_weight_sum, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) "
       "-> (Tensor grad_x, Tensor grad_logit)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_lip2d_forward_emulated(Tensor x, Tensor logit, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, bool ceil_mode, str variant, bool force_int64) "
+      "-> (Tensor out, Tensor window_max, Tensor inv_weight_sum)");
+  m.def(
+      "_lip2d_backward_emulated(Tensor grad_out, Tensor x, Tensor logit, Tensor out, "
+      "Tensor window_max, Tensor inv_weight_sum, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, bool ceil_mode, str variant, bool force_int64) "
+      "-> (Tensor grad_x, Tensor grad_logit)");
+  // The kernel the last lip2d call on this thread ran (e.g. "fast_channels_last").
+  m.def("_lip2d_last_kernel() -> str", &lip2d_last_kernel);
 }
 
 TORCH_LIBRARY_IMPL(lip_cuda, CPU, m) {
   m.impl("lip2d_forward", &lip2d_forward_cpu_op);
   m.impl("lip2d_backward", &lip2d_backward_cpu_op);
+  m.impl("_lip2d_forward_emulated", &lip2d_forward_emulated_op);
+  m.impl("_lip2d_backward_emulated", &lip2d_backward_emulated_op);
 }
 
 #ifdef WITH_CUDA

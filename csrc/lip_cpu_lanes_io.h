@@ -47,8 +47,10 @@ inline void store_full(c10::BFloat16* p, Lanes v) {
 #if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
 inline Lanes load_full(const c10::Half* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<Lanes>(
-      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  // The masked forms with a zero source: GCC's plain ones start from an
+  // "undefined" register and then warn that it may be used uninitialised.
+  return reinterpret_cast<Lanes>(_mm512_mask_cvtph_ps(
+      _mm512_setzero_ps(), 0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #else
   return reinterpret_cast<Lanes>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #endif
@@ -57,7 +59,8 @@ inline Lanes load_full(const c10::Half* p) {
 inline void store_full(c10::Half* p, Lanes v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+                      _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF,
+                                           reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
 #else
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));

@@ -1,8 +1,8 @@
 // Lane vectors for the CPU kernels: one native SIMD register of floats as a
 // GCC/Clang vector extension type (16 lanes with AVX-512, 8 with AVX, 4 with
 // SSE or NEON). Wider types than the target has get their comparisons
-// scalarised, hence native width. exp and log are written on it because
-// libm's are opaque scalar calls. Only the ranges the kernels use are
+// scalarised, hence native width. exp is written on it because libm's is an
+// opaque scalar call. Only the ranges the kernels use are
 // covered; NaN propagates.
 #pragma once
 
@@ -48,12 +48,16 @@ inline Lanes select(LaneInts mask, Lanes a, Lanes b) {
 // does not become the max; its exp poisons the sums instead).
 inline Lanes max_lanes(Lanes a, Lanes b) { return select(b > a, b, a); }
 
-// exp(v) for v <= ~88 (softmax arguments are <= 0). Below -87 it returns
-// ~1e-38 instead of a denormal or 0, a weight no float sum can see.
-// Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a degree-6
-// Taylor polynomial: relative error about 1.2e-7, one float ulp.
+// exp(v) for v <= 0 (a logit minus its window max), as the window step
+// needs it: exactly 0 below the normal float range and at -inf, so a masked
+// or negligible tap has no weight at all (not ~1e-38, which a huge x would
+// still see). Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a
+// degree-6 Taylor polynomial: relative error about 1.2e-7, one float ulp.
+// NaN propagates.
 inline Lanes exp_lanes(Lanes v) {
-  v = select(v < -87.0f, splat(-87.0f), v);  // NaN fails the compare and propagates
+  const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
+  const LaneInts underflow = v < kLowest;
+  v = select(underflow, splat(kLowest), v);  // NaN fails the compare and propagates
   const float kRound = 12582912.0f;      // 1.5 * 2^23: adding it rounds to an integer
   const Lanes t = v * 1.44269504088896341f + kRound;
   const Lanes n = t - kRound;
@@ -73,30 +77,24 @@ inline Lanes exp_lanes(Lanes v) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * scale;
+  return select(underflow, splat(0.0f), p * scale);
 }
 
-// log(v) for v >= 1 (a window's weight sum relative to its max: the max
-// contributes exactly 1). v = 2^e * m with m in [1, 2); log m = 2 atanh(z),
-// z = (m - 1) / (m + 1) <= 1/3, by its odd series to z^11: error < 2e-7.
-inline Lanes log_lanes(Lanes v) {
-  LaneInts bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const Lanes e = __builtin_convertvector((bits >> 23) - 127, Lanes);
-  const LaneInts m_bits = (bits & 0x007fffff) | 0x3f800000;
-  Lanes m;
-  std::memcpy(&m, &m_bits, sizeof(m));
-  const Lanes z = (m - 1.0f) / (m + 1.0f);
-  const Lanes z2 = z * z;
-  Lanes s = splat(1.0f / 11.0f);
-  s = s * z2 + 1.0f / 9.0f;
-  s = s * z2 + 1.0f / 7.0f;
-  s = s * z2 + 1.0f / 5.0f;
-  s = s * z2 + 1.0f / 3.0f;
-  s = s * z2 + 1.0f;
-  // (v - v) is 0, or NaN when v is NaN, whose bits would read as a number
-  return e * 0.693147180559945309f + 2.0f * z * s + (v - v);
-}
+// The value operations of lip_window.h's WindowStep on float lanes (the
+// scalar versions are ScalarMath there).
+struct LaneMath {
+  using value = Lanes;
+  static Lanes max(Lanes a, Lanes b) { return max_lanes(a, b); }
+  static Lanes exp_nonpositive(Lanes v) { return exp_lanes(v); }
+  static Lanes zero_where_zero(Lanes a, Lanes b) { return select(a == splat(0.0f), splat(0.0f), b); }
+  static Lanes finite_or_zero(Lanes m) {
+    return select(m == splat(-__builtin_inff()), splat(0.0f), m);
+  }
+  static Lanes reciprocal_or_zero(Lanes s) { return select(s == splat(0.0f), splat(0.0f), 1.0f / s); }
+  static Lanes quotient_or_zero(Lanes a, Lanes s) {
+    return select(s == splat(0.0f), splat(0.0f), a / s);
+  }
+};
 
 }  // namespace cpu_math
 }  // namespace lip_cuda

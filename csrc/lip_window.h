@@ -1,10 +1,15 @@
-// Window geometry and the stable window-softmax step of LIP, shared by the
-// CPU and CUDA kernels so that the CPU tests exercise the same index math.
+// Window geometry and the stable window-softmax step of LIP: the one source
+// of this math for every kernel (CPU SIMD lanes, CPU float64 elements, the
+// generic and fast CUDA kernels and their CPU emulation).
 //
 // LIP(x, l)_o = sum_{i in W(o)} exp(l_i) x_i / sum_{i in W(o)} exp(l_i):
 // avg_pool2d's divisor appears in numerator and denominator and cancels, so
-// only the window clipped to the real input matters. Everything here is a
-// softmax over that window, computed relative to the window max.
+// only the window clipped to the real input matters. Each window is a
+// softmax relative to its own max logit m_o (docs/kernels.md):
+//   S_o = sum exp(l_i - m_o),  y_o = sum exp(l_i - m_o) x_i / S_o.
+// Forward saves m_o and 1 / S_o, not lse_o = m_o + log S_o: l_i - m_o is
+// exact-ish for two logits of one window at any offset, where l_i - lse_o
+// rounds away the gradient once |lse_o| is large (1e7 in float32).
 #pragma once
 
 #include <cmath>
@@ -16,6 +21,13 @@
 #define LIP_HOST_DEVICE inline
 #endif
 
+// Fully unrolled loops over compile-time trip counts (window taps, lanes).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LIP_UNROLL _Pragma("unroll")
+#else
+#define LIP_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace lip_cuda {
 
 // Pooling arguments and sizes of one call. Sizes are int64 so that the
@@ -24,6 +36,13 @@ struct LipGeometry {
   int64_t N, C, H, W;    // input
   int64_t OH, OW;        // output
   int64_t kH, kW, sH, sW, pH, pW;
+};
+
+// Element strides of the logit tensor, which may be shared across the
+// batch and/or the channels (broadcast: stride 0). The logit is dense in
+// the same memory format as x, so a pixel (h, w) is at (h * W + w) * pixel.
+struct LogitStrides {
+  int64_t n, c, pixel;
 };
 
 // Output length along one dimension, exactly as avg_pool2d computes it
@@ -41,79 +60,108 @@ inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, bool cei
 
 // [begin, end) of the input rows (or columns) seen by output o, clipped to
 // the input. Never empty while padding <= kernel / 2.
-LIP_HOST_DEVICE void window_range(int64_t o, int64_t k, int64_t s, int64_t p, int64_t in,
-                                  int64_t& begin, int64_t& end) {
-  const int64_t start = o * s - p;
+template <typename index_t>
+LIP_HOST_DEVICE void window_range(index_t o, index_t k, index_t s, index_t p, index_t in,
+                                  index_t& begin, index_t& end) {
+  const index_t start = o * s - p;
   begin = start > 0 ? start : 0;
   end = start + k < in ? start + k : in;
 }
 
 // [first, last] of the outputs whose windows hold input index i: the
 // backward gather visits exactly these, at most ceil(k / s) of them.
-LIP_HOST_DEVICE void covering_outputs(int64_t i, int64_t k, int64_t s, int64_t p, int64_t out,
-                                      int64_t& first, int64_t& last) {
+template <typename index_t>
+LIP_HOST_DEVICE void covering_outputs(index_t i, index_t k, index_t s, index_t p, index_t out,
+                                      index_t& first, index_t& last) {
   // o * s - p <= i  and  i < o * s - p + k
-  const int64_t lo = i + p - k + 1;
+  const index_t lo = i + p - k + 1;
   first = lo <= 0 ? 0 : (lo + s - 1) / s;
-  const int64_t hi = (i + p) / s;  // i + p >= 0
+  const index_t hi = (i + p) / s;  // i + p >= 0
   last = hi < out - 1 ? hi : out - 1;
 }
 
-template <typename acc_t>
-LIP_HOST_DEVICE acc_t lip_exp(acc_t v) {
-  return ::exp(v);
-}
+// ---- value math: scalars (CPU and CUDA); SIMD lanes bring their own ------
 
-template <typename acc_t>
-LIP_HOST_DEVICE acc_t lip_log(acc_t v) {
-  return ::log(v);
-}
-
-#if defined(__CUDACC__) || defined(__HIPCC__)
-template <>
-LIP_HOST_DEVICE float lip_exp<float>(float v) {
-  return ::expf(v);
-}
-template <>
-LIP_HOST_DEVICE float lip_log<float>(float v) {
-  return ::logf(v);
-}
+// exp(v) for v <= 0 (a logit minus its window max), exactly 0 at -inf and
+// below the float range. float on the GPU is one ex2.approx (a MUFU op)
+// after folding log2(e) in; subtracting before scaling keeps the argument
+// exact at any logit offset. The host (CPU emulation) uses exp2f of the same
+// product, so both round the same argument.
+LIP_HOST_DEVICE float exp_nonpositive(float v) {
+  const float t = v * 1.4426950408889634f;
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
+#else
+  return std::exp2(t);
 #endif
+}
 
-// Running softmax-weighted mean over one window with an online max. Each
-// step costs one exp: either of the new logit (it is not the max) or of the
-// rescale factor for the old sums (it is the new max).
-template <typename acc_t>
-struct OnlineWindowSoftmax {
-  acc_t max_logit;
-  acc_t weight_sum;  // sum exp(l - max_logit)
-  acc_t value_sum;   // sum exp(l - max_logit) * x
+LIP_HOST_DEVICE double exp_nonpositive(double v) { return ::exp(v); }
 
-  LIP_HOST_DEVICE OnlineWindowSoftmax()
-      : max_logit(-INFINITY), weight_sum(0), value_sum(0) {}
+// Operations the window step needs on a value type, for float and double;
+// lip_cpu_math.h defines the same for SIMD lanes of floats.
+template <typename T>
+struct ScalarMath {
+  using value = T;
+  static LIP_HOST_DEVICE T splat(T v) { return v; }
+  // max(a, b) that skips a NaN b: a NaN logit does not become the max; its
+  // exp poisons the window's sums instead.
+  static LIP_HOST_DEVICE T max(T a, T b) { return b > a ? b : a; }
+  static LIP_HOST_DEVICE T exp_nonpositive(T v) { return lip_cuda::exp_nonpositive(v); }
+  // a == 0 ? 0 : b, with NaN in a kept as NaN
+  static LIP_HOST_DEVICE T zero_where_zero(T a, T b) { return a == T(0) ? T(0) : b; }
+  // m == -inf ? 0 : m
+  static LIP_HOST_DEVICE T finite_or_zero(T m) { return m == -INFINITY ? T(0) : m; }
+  static LIP_HOST_DEVICE T reciprocal_or_zero(T s) { return s == T(0) ? T(0) : T(1) / s; }
+  static LIP_HOST_DEVICE T quotient_or_zero(T a, T s) { return s == T(0) ? T(0) : a / s; }
+};
 
-  LIP_HOST_DEVICE void add(acc_t logit, acc_t x) {
-    if (logit == -INFINITY) {
-      return;  // zero weight; -inf - -inf would make the sums NaN
-    }
-    if (logit > max_logit) {
-      // first element: exp(-inf) = 0 clears the empty sums
-      const acc_t scale = lip_exp<acc_t>(max_logit - logit);
-      weight_sum = weight_sum * scale + acc_t(1);
-      value_sum = value_sum * scale + x;
-      max_logit = logit;
-    } else {
-      const acc_t e = lip_exp<acc_t>(logit - max_logit);
-      weight_sum += e;
-      value_sum += e * x;
-    }
+// ---- the stable window step, written once --------------------------------
+//
+// A kernel visits the taps of a window twice: first max_tap over all of
+// them, then, with m = reference_max(that max), add_tap over all of them,
+// then finish. Backward calls grad_tap for every (input, covering output).
+//
+// Masking: a logit of -inf has weight exactly 0 and no effect whatever its
+// x (even inf or NaN). A window whose logits are all -inf has no weight: its
+// output is 0, as are its gradients (the reference formula gives 0/0 there).
+// A NaN logit makes its windows NaN; +inf logits give NaN like the reference.
+template <typename Math>
+struct WindowStep {
+  using V = typename Math::value;
+
+  static LIP_HOST_DEVICE void max_tap(V& m, V logit) { m = Math::max(m, logit); }
+
+  // The max used as the softmax reference: finite for a fully masked window,
+  // so that -inf - m stays -inf instead of NaN.
+  static LIP_HOST_DEVICE V reference_max(V m) { return Math::finite_or_zero(m); }
+
+  static LIP_HOST_DEVICE void add_tap(V logit, V x, V m, V& weight_sum, V& weighted_sum) {
+    const V e = Math::exp_nonpositive(logit - m);
+    weight_sum += e;
+    weighted_sum += Math::zero_where_zero(e, e * x);
   }
 
-  LIP_HOST_DEVICE acc_t mean() const { return value_sum / weight_sum; }
+  // y = weighted / S, and 1 / S for backward; both 0 for a fully masked window.
+  static LIP_HOST_DEVICE void finish(V weight_sum, V weighted_sum, V& y, V& inv_weight_sum) {
+    y = Math::quotient_or_zero(weighted_sum, weight_sum);
+    inv_weight_sum = Math::reciprocal_or_zero(weight_sum);
+  }
 
-  // log sum exp(l) over the window; backward's p_i = exp(l_i - lse)
-  LIP_HOST_DEVICE acc_t log_sum_exp() const { return max_logit + lip_log<acc_t>(weight_sum); }
+  // One covering output o of input i: p = exp(l_i - m_o) / S_o,
+  // dx_i += g_o p,  dl_i += g_o p (x_i - y_o).
+  static LIP_HOST_DEVICE void grad_tap(V logit, V x, V grad_out, V y, V m, V inv_weight_sum,
+                                       V& dx, V& dl) {
+    const V p = Math::exp_nonpositive(logit - m) * inv_weight_sum;
+    const V gp = grad_out * p;
+    dx += gp;
+    dl += Math::zero_where_zero(p, gp * (x - y));
+  }
 };
+
+// ---- dense offsets ---------------------------------------------------------
 
 // Offsets of dense tensors in either memory format; every tensor of one
 // call is made dense in the same format first.
@@ -142,65 +190,6 @@ LIP_HOST_DEVICE void dense_coords(index_t i, index_t C, index_t H, index_t W, in
     c = i % C;
     n = i / C;
   }
-}
-
-// Forward for output element `o` (linear in the memory format): writes the
-// pooled value and its log-sum-exp.
-template <bool ChannelsLast, typename scalar_t, typename acc_t, typename index_t>
-LIP_HOST_DEVICE void lip_forward_element(index_t o, const LipGeometry& g,
-                                         const scalar_t* __restrict__ x,
-                                         const scalar_t* __restrict__ logit,
-                                         scalar_t* __restrict__ out,
-                                         acc_t* __restrict__ lse) {
-  const index_t C = g.C, H = g.H, W = g.W;
-  index_t n, c, oh, ow;
-  dense_coords<ChannelsLast, index_t>(o, C, g.OH, g.OW, n, c, oh, ow);
-  int64_t h0, h1, w0, w1;
-  window_range(oh, g.kH, g.sH, g.pH, g.H, h0, h1);
-  window_range(ow, g.kW, g.sW, g.pW, g.W, w0, w1);
-  OnlineWindowSoftmax<acc_t> acc;
-  for (index_t h = h0; h < h1; ++h) {
-    for (index_t w = w0; w < w1; ++w) {
-      const index_t i = dense_offset<ChannelsLast, index_t>(n, c, h, w, C, H, W);
-      acc.add(static_cast<acc_t>(logit[i]), static_cast<acc_t>(x[i]));
-    }
-  }
-  out[o] = static_cast<scalar_t>(acc.mean());
-  lse[o] = acc.log_sum_exp();
-}
-
-// Backward for input element `i` (linear in the memory format), a gather
-// over the outputs whose windows hold it:
-//   dx_i = sum_o g_o p_oi,  dl_i = sum_o g_o p_oi (x_i - y_o),  p_oi = exp(l_i - lse_o)
-template <bool ChannelsLast, typename scalar_t, typename acc_t, typename index_t>
-LIP_HOST_DEVICE void lip_backward_element(index_t i, const LipGeometry& g,
-                                          const scalar_t* __restrict__ grad_out,
-                                          const scalar_t* __restrict__ x,
-                                          const scalar_t* __restrict__ logit,
-                                          const scalar_t* __restrict__ out,
-                                          const acc_t* __restrict__ lse,
-                                          scalar_t* __restrict__ grad_x,
-                                          scalar_t* __restrict__ grad_logit) {
-  const index_t C = g.C, OH = g.OH, OW = g.OW;
-  index_t n, c, h, w;
-  dense_coords<ChannelsLast, index_t>(i, C, g.H, g.W, n, c, h, w);
-  int64_t oh0, oh1, ow0, ow1;
-  covering_outputs(h, g.kH, g.sH, g.pH, g.OH, oh0, oh1);
-  covering_outputs(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
-  const acc_t xi = static_cast<acc_t>(x[i]);
-  const acc_t li = static_cast<acc_t>(logit[i]);
-  acc_t dx = 0;
-  acc_t dl = 0;
-  for (index_t oh = oh0; oh <= oh1; ++oh) {
-    for (index_t ow = ow0; ow <= ow1; ++ow) {
-      const index_t o = dense_offset<ChannelsLast, index_t>(n, c, oh, ow, C, OH, OW);
-      const acc_t gp = static_cast<acc_t>(grad_out[o]) * lip_exp<acc_t>(li - lse[o]);
-      dx += gp;
-      dl += gp * (xi - static_cast<acc_t>(out[o]));
-    }
-  }
-  grad_x[i] = static_cast<scalar_t>(dx);
-  grad_logit[i] = static_cast<scalar_t>(dl);
 }
 
 }  // namespace lip_cuda

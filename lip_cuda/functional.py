@@ -7,7 +7,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from ._geometry import IntPair, pool_args
 
 
-def _as_floating_pair(x: torch.Tensor, logit: torch.Tensor):
+def _check_tensors(x: torch.Tensor, logit: torch.Tensor) -> None:
     for name, t in (("x", x), ("logit", logit)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lip2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
@@ -21,9 +21,31 @@ def _as_floating_pair(x: torch.Tensor, logit: torch.Tensor):
             f"lip2d: expected x and logit on the same device, but x is on {x.device} "
             f"and logit on {logit.device}"
         )
-    # The reference formula x * exp(logit) promotes mixed dtypes; so do we.
-    dtype = torch.promote_types(x.dtype, logit.dtype)
-    return x.to(dtype), logit.to(dtype)
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"lip2d: expected x to be a 4-D (N, C, H, W) or 3-D (C, H, W) tensor, but got a "
+            f"{x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+
+
+def _logit_for_kernel(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    """The logit as the operator takes it: 4-D, sized as x or 1 in N and/or C.
+
+    Sharing across N and C is read natively by the kernels (no copy); any
+    other broadcast (over H or W) is expanded first."""
+    try:
+        shape = torch.broadcast_shapes(logit.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"lip2d: expected logit to be broadcastable to x's shape {tuple(x.shape)}, but it "
+            f"has shape {tuple(logit.shape)}"
+        )
+    logit = logit.reshape((1,) * (4 - logit.dim()) + tuple(logit.shape))
+    if logit.shape[2:] != x.shape[2:]:
+        logit = logit.expand(logit.shape[0], logit.shape[1], *x.shape[2:])
+    return logit
 
 
 def lip2d(
@@ -42,24 +64,40 @@ def lip2d(
     backward; differentiable in both x and logit.
 
     Args:
-        x: (N, C, H, W) features, float16, bfloat16, float32 or float64,
-            contiguous or channels_last (the output keeps the layout).
-        logit: (N, C, H, W) importance logits; a different floating dtype
-            is promoted with x's, as the reference formula would.
+        x: (N, C, H, W) or unbatched (C, H, W) features: float16, bfloat16,
+            float32 or float64, contiguous or channels_last (the output keeps
+            the layout).
+        logit: importance logits broadcastable to x. Shapes (N, C, H, W),
+            (1, C, H, W), (N, 1, H, W) or (1, 1, H, W) (one map shared by all
+            channels) are read as they are, without a copy; any other
+            broadcast is expanded first. Its dtype may differ from x's: a
+            float32 logit with float16/bfloat16 x (what autocast produces) is
+            read natively; other mixes convert the logit to x's dtype
+            (float32 for half x).
         kernel_size, stride, padding, ceil_mode: as torch.nn.functional.avg_pool2d
             takes them (stride=None means kernel_size); padding at most
             kernel_size // 2.
 
     Returns:
-        (N, C, H_out, W_out) with avg_pool2d's output shape.
+        avg_pool2d's output shape, in x's dtype. The gradient of logit has
+        logit's shape and dtype. A logit of -inf masks its position out
+        completely (whatever x is there); a window whose logits are all -inf
+        gives 0.
 
     Example:
         >>> x = torch.randn(2, 64, 56, 56)
         >>> logit = 12 * torch.sigmoid(torch.randn(2, 64, 56, 56))
         >>> lip2d(x, logit).shape
         torch.Size([2, 64, 28, 28])
+        >>> lip2d(x, logit[:, :1]).shape    # one importance map for all channels
+        torch.Size([2, 64, 28, 28])
     """
     kernel, strides, pads = pool_args(kernel_size, stride, padding)
-    x, logit = _as_floating_pair(x, logit)
-    out, _ = torch.ops.lip_cuda.lip2d_forward(x, logit, kernel, strides, pads, ceil_mode)
-    return out
+    _check_tensors(x, logit)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    out, _, _ = torch.ops.lip_cuda.lip2d_forward(
+        x, _logit_for_kernel(x, logit), kernel, strides, pads, ceil_mode
+    )
+    return out.squeeze(0) if unbatched else out

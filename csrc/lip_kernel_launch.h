@@ -1,0 +1,208 @@
+// Which CUDA kernel runs a call, and on what launch grid: host code shared by
+// the real launcher (lip2d_cuda.cu, a Launcher that does <<<grid, block>>>)
+// and the CPU emulation (lip2d_emulate.cpp, a Launcher that loops over the
+// grid), so both pick the same kernel for the same call.
+//
+// Variants (LIP_CUDA_KERNELS, read at each call):
+//   generic  any geometry; one thread per element (the default until a GPU
+//            run has validated the fast kernels)
+//   fast     kernel/stride/padding 3/2/1, 2/2/0 or 3/1/1 (square) take the
+//            compile-time kernels of lip_kernel_threads.h; anything else, or
+//            a channels_last call whose channels or pointers do not allow
+//            16-byte vectors, falls back to generic.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "lip_kernel_threads.h"
+
+namespace lip_cuda {
+
+enum class KernelVariant { Generic, Fast };
+
+inline KernelVariant kernel_variant_from_env() {
+  const char* value = std::getenv("LIP_CUDA_KERNELS");
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "generic") == 0) {
+    return KernelVariant::Generic;
+  }
+  TORCH_CHECK(std::strcmp(value, "fast") == 0,
+              "lip2d: LIP_CUDA_KERNELS must be 'generic' or 'fast', but it is '", value, "'");
+  return KernelVariant::Fast;
+}
+
+struct LaunchShape {
+  int64_t grid_x;
+  int32_t grid_y;
+  int32_t block_x;
+  int32_t block_y;
+};
+
+// The fast kernels' geometries, or 0.
+enum class FastGeometry { None, K3S2P1, K2S2P0, K3S1P1 };
+
+inline FastGeometry fast_geometry(const LipGeometry& g) {
+  if (g.kH != g.kW || g.sH != g.sW || g.pH != g.pW) return FastGeometry::None;
+  if (g.kH == 3 && g.sH == 2 && g.pH == 1) return FastGeometry::K3S2P1;
+  if (g.kH == 2 && g.sH == 2 && g.pH == 0) return FastGeometry::K2S2P0;
+  if (g.kH == 3 && g.sH == 1 && g.pH == 1) return FastGeometry::K3S1P1;
+  return FastGeometry::None;
+}
+
+// Calls fn(std::integral_constant K, S, P) for a fast geometry.
+template <typename Fn>
+void with_fast_geometry(FastGeometry fg, Fn&& fn) {
+  using std::integral_constant;
+  switch (fg) {
+    case FastGeometry::K3S2P1:
+      fn(integral_constant<int, 3>{}, integral_constant<int, 2>{}, integral_constant<int, 1>{});
+      break;
+    case FastGeometry::K2S2P0:
+      fn(integral_constant<int, 2>{}, integral_constant<int, 2>{}, integral_constant<int, 0>{});
+      break;
+    case FastGeometry::K3S1P1:
+      fn(integral_constant<int, 3>{}, integral_constant<int, 1>{}, integral_constant<int, 1>{});
+      break;
+    case FastGeometry::None:
+      break;
+  }
+}
+
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxGridY = 65535;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Channels per vector of a channels_last fast kernel: 16 bytes of x.
+template <typename x_t>
+constexpr int fast_vector_width() {
+  return static_cast<int>(16 / sizeof(x_t));
+}
+
+// 32-bit offsets when every tensor of the call has fewer than 2^31 elements.
+inline bool fits_int32(const LipGeometry& g) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  return g.N * g.C * g.H * g.W <= limit && g.N * g.C * g.OH * g.OW <= limit;
+}
+
+template <typename x_t, typename l_t, typename acc_t, int V>
+bool channels_last_vectorizable(const LipGeometry& g, const LogitStrides& ls, const x_t* x,
+                                const l_t* logit, const void* out_like_x, const acc_t* stats_a,
+                                const acc_t* stats_b) {
+  return g.C % V == 0 && aligned_to(x, sizeof(x_t) * V) && aligned_to(out_like_x, sizeof(x_t) * V) &&
+         (ls.c == 0 || aligned_to(logit, sizeof(l_t) * V)) && aligned_to(stats_a, sizeof(acc_t) * V) &&
+         aligned_to(stats_b, sizeof(acc_t) * V);
+}
+
+// Grid of a fast channels_last kernel over `rows` rows of `cols` pixels.
+inline bool channels_last_shape(int64_t rows, int64_t cols, int64_t vectors, LaunchShape& shape) {
+  const int64_t blocks_y = ceil_div(cols * vectors, kFastThreads);
+  if (rows > kMaxGridX || blocks_y > kMaxGridY) return false;
+  shape = {rows, static_cast<int32_t>(blocks_y), kFastThreads, 1};
+  return true;
+}
+
+// Grid of a fast plane (NCHW) kernel over `rows` plane rows of `cols` columns.
+inline bool planes_shape(const LipGeometry& g, int64_t rows, int64_t cols, LaunchShape& shape) {
+  const int64_t blocks_x = ceil_div(rows, kPlaneBlockY);
+  const int64_t blocks_y = ceil_div(cols, kPlaneBlockX);
+  if (blocks_x > kMaxGridX || blocks_y > kMaxGridY || g.H * g.W > kMaxGridX) return false;
+  shape = {blocks_x, static_cast<int32_t>(blocks_y), kPlaneBlockX, kPlaneBlockY};
+  return true;
+}
+
+inline LaunchShape generic_shape(int64_t numel) {
+  const int64_t blocks = ceil_div(numel, kGenericThreads);
+  TORCH_CHECK(blocks <= kMaxGridX, "lip2d: a tensor of ", numel,
+              " elements is too large for one CUDA launch");
+  return {blocks, 1, kGenericThreads, 1};
+}
+
+// Runs the forward of one call through `launcher`. Returns the name of the
+// kernel it picked (for tests and benchmarks).
+template <typename Launcher, typename x_t, typename l_t, typename acc_t>
+const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc_t>& a,
+                             bool channels_last, KernelVariant variant, bool force_int64) {
+  const LipGeometry& g = a.g;
+  const FastGeometry fg = fast_geometry(g);
+  if (variant == KernelVariant::Fast && fg != FastGeometry::None) {
+    constexpr int V = fast_vector_width<x_t>();
+    LaunchShape shape{};
+    bool launched = false;
+    if (channels_last) {
+      if (channels_last_vectorizable<x_t, l_t, acc_t, V>(g, a.ls, a.x, a.logit, a.out, a.window_max,
+                                                         a.inv_weight_sum) &&
+          channels_last_shape(g.N * g.OH, g.OW, g.C / V, shape)) {
+        with_fast_geometry(fg, [&](auto k, auto s, auto p) {
+          launcher.template launch<FastForwardChannelsLast<decltype(k)::value, decltype(s)::value, decltype(p)::value, V, x_t, l_t, acc_t>>(shape, a);
+        });
+        launched = true;
+      }
+    } else if (planes_shape(g, g.N * g.C * g.OH, g.OW, shape)) {
+      with_fast_geometry(fg, [&](auto k, auto s, auto p) {
+        launcher.template launch<FastForwardPlanes<decltype(k)::value, decltype(s)::value, decltype(p)::value, x_t, l_t, acc_t>>(shape, a);
+      });
+      launched = true;
+    }
+    if (launched) return channels_last ? "fast_channels_last" : "fast_planes";
+  }
+  const LaunchShape shape = generic_shape(g.N * g.C * g.OH * g.OW);
+  if (force_int64 || !fits_int32(g)) {
+    channels_last ? launcher.template launch<GenericForward<true, x_t, l_t, acc_t, int64_t>>(shape, a)
+                  : launcher.template launch<GenericForward<false, x_t, l_t, acc_t, int64_t>>(shape, a);
+    return "generic_int64";
+  }
+  channels_last ? launcher.template launch<GenericForward<true, x_t, l_t, acc_t, int32_t>>(shape, a)
+                : launcher.template launch<GenericForward<false, x_t, l_t, acc_t, int32_t>>(shape, a);
+  return "generic_int32";
+}
+
+template <typename Launcher, typename x_t, typename l_t, typename acc_t>
+const char* dispatch_backward(Launcher& launcher, const BackwardArgs<x_t, l_t, acc_t>& a,
+                              bool channels_last, KernelVariant variant, bool force_int64) {
+  const LipGeometry& g = a.g;
+  const FastGeometry fg = fast_geometry(g);
+  if (variant == KernelVariant::Fast && fg != FastGeometry::None) {
+    constexpr int V = fast_vector_width<x_t>();
+    LaunchShape shape{};
+    bool launched = false;
+    if (channels_last) {
+      if (channels_last_vectorizable<x_t, l_t, acc_t, V>(g, a.ls, a.x, a.logit, a.grad_out,
+                                                         a.window_max, a.inv_weight_sum) &&
+          aligned_to(a.out, sizeof(x_t) * V) && aligned_to(a.grad_x, sizeof(x_t) * V) &&
+          aligned_to(a.grad_logit, sizeof(l_t) * V) &&
+          channels_last_shape(g.N * g.H, g.W, g.C / V, shape)) {
+        with_fast_geometry(fg, [&](auto k, auto s, auto p) {
+          launcher.template launch<FastBackwardChannelsLast<decltype(k)::value, decltype(s)::value, decltype(p)::value, V, x_t, l_t, acc_t>>(shape, a);
+        });
+        launched = true;
+      }
+    } else if (planes_shape(g, g.N * g.C * g.H, g.W, shape)) {
+      with_fast_geometry(fg, [&](auto k, auto s, auto p) {
+        launcher.template launch<FastBackwardPlanes<decltype(k)::value, decltype(s)::value, decltype(p)::value, x_t, l_t, acc_t>>(shape, a);
+      });
+      launched = true;
+    }
+    if (launched) return channels_last ? "fast_channels_last" : "fast_planes";
+  }
+  const LaunchShape shape = generic_shape(g.N * g.C * g.H * g.W);
+  if (force_int64 || !fits_int32(g)) {
+    channels_last ? launcher.template launch<GenericBackward<true, x_t, l_t, acc_t, int64_t>>(shape, a)
+                  : launcher.template launch<GenericBackward<false, x_t, l_t, acc_t, int64_t>>(shape, a);
+    return "generic_int64";
+  }
+  channels_last ? launcher.template launch<GenericBackward<true, x_t, l_t, acc_t, int32_t>>(shape, a)
+                : launcher.template launch<GenericBackward<false, x_t, l_t, acc_t, int32_t>>(shape, a);
+  return "generic_int32";
+}
+
+}  // namespace lip_cuda
