@@ -192,12 +192,135 @@ def test_empty_batch(layout, device):
     assert x.grad.shape == x.shape and logit.grad.shape == logit.shape
 
 
-def test_mixed_dtypes_promote(seed):
-    x, _ = make_inputs((2, 3, 8, 8), torch.float32, "cpu")
-    _, logit = make_inputs((2, 3, 8, 8), torch.float64, "cpu")
-    y = lip_cuda.lip2d(x, logit)
-    assert y.dtype == torch.float64 == lip_cuda.lip2d_reference(x, logit).dtype
-    torch.testing.assert_close(y, window_softmax_lip(x.double(), logit, 3, 2, 1))
+MIXED_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+               (torch.float32, torch.float64), (torch.float64, torch.float32),
+               (torch.float16, torch.bfloat16), (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pair", MIXED_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+def test_mixed_dtypes(pair, layout, device, seed):
+    """x and logit in different dtypes: the output and grad_x in x's dtype,
+    grad_logit in the logit's, values as the float64 oracle gives them."""
+    x_dtype, l_dtype = pair
+    x, _ = make_inputs((2, 19, 9, 8), x_dtype, device, layout)
+    _, logit = make_inputs((2, 19, 9, 8), l_dtype, device, layout, logit_high=12)
+    grad_out = torch.randn(2, 19, 5, 4, dtype=torch.float64).to(x_dtype).to(device)
+    y, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    assert (y.dtype, gx.dtype, gl.dtype) == (x_dtype, x_dtype, l_dtype)
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), 3, 2, 1)
+    narrow = x_dtype if torch.finfo(x_dtype).eps > torch.finfo(l_dtype).eps else l_dtype
+    fwd_tol, grad_tol = TOLERANCE[narrow]
+    for got, want, tol in ((y, y_ref, fwd_tol), (gx, gx_ref, grad_tol), (gl, gl_ref, grad_tol)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+LOGIT_SHAPES = [(2, 1, 9, 10), (1, 6, 9, 10), (1, 1, 9, 10), (6, 9, 10), (9, 10), (2, 6, 1, 10), (1,)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("logit_shape", LOGIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_broadcast_logits(logit_shape, dtype, layout, device, seed):
+    """Logits broadcastable to x (one map shared by all channels, one per
+    channel shared by the batch, ...): forward and both gradients against
+    the oracle on the expanded logit, grad_logit summed to the logit's shape."""
+    x, _ = make_inputs((2, 6, 9, 10), dtype, device, layout)
+    logit = (torch.rand(logit_shape, dtype=torch.float64) * 12).to(dtype).to(device)
+    if layout == "channels_last" and logit.dim() == 4:
+        logit = logit.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 6, 5, 5, dtype=torch.float64).to(dtype).to(device)
+    y, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    assert gl.shape == logit.shape and gl.dtype == dtype
+    expanded = logit.expand(x.shape).cpu()
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), expanded, grad_out.cpu(), 3, 2, 1)
+    gl_ref = gl_ref.sum_to_size(logit.shape)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    # a logit shared by all elements has a gradient that sums to ~0: scale by 1
+    for got, want in ((y, y_ref), (gx, gx_ref), (gl, gl_ref)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol,
+                                   atol=tol * max(want.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("logit_shape", [(5, 11, 12), (1, 11, 12)], ids=str)
+def test_unbatched_input(logit_shape, device, seed):
+    x, _ = make_inputs((5, 11, 12), torch.float64, device)
+    logit = (torch.rand(logit_shape, dtype=torch.float64) * 8).to(device)
+    grad_out = torch.randn(5, 6, 6, dtype=torch.float64, device=device)
+    y, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    assert y.shape == (5, 6, 6) and gx.shape == x.shape and gl.shape == logit.shape
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x[None].cpu(), logit.expand_as(x)[None].cpu(),
+                                              grad_out[None].cpu(), 3, 2, 1)
+    torch.testing.assert_close(y.cpu(), y_ref[0])
+    torch.testing.assert_close(gx.cpu(), gx_ref[0])
+    torch.testing.assert_close(gl.cpu(), gl_ref[0].sum_to_size(logit.shape))
+
+
+# (largest x, a logit far enough below 0 that x * exp(logit) is < 1e-30)
+MASK_X = {torch.float32: (3e38, -200.0), torch.bfloat16: (3e38, -200.0), torch.float16: (6e4, -200.0),
+          torch.float64: (1e308, -800.0)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(MASK_X), ids=str)
+def test_masked_and_negligible_logits_have_no_weight(dtype, layout, device):
+    """A -inf logit, or one far below its window's max, weighs exactly 0
+    whatever its x (huge, inf, NaN); a window with only -inf logits gives 0
+    and zero gradients. 17 channels: full SIMD blocks and a partial one."""
+    big, far = MASK_X[dtype]
+    x = torch.ones(1, 17, 1, 6, dtype=torch.float64)
+    logit = torch.zeros(1, 17, 1, 6, dtype=torch.float64)
+    x[..., 1], logit[..., 1] = big, far             # window 0: [1, big] at logits [0, far]
+    x[..., 3], logit[..., 3] = float("inf"), -float("inf")  # window 1: [1, inf] at [0, -inf]
+    x[..., 4], logit[..., 4:] = float("nan"), -float("inf")  # window 2: fully masked, NaN x
+    x, logit = x.to(dtype), logit.to(dtype)
+    if layout == "channels_last":
+        x, logit = x.contiguous(memory_format=torch.channels_last), logit.contiguous(memory_format=torch.channels_last)
+    x, logit = x.to(device).requires_grad_(), logit.to(device).requires_grad_()
+    y = lip_cuda.lip2d(x, logit, (1, 2), (1, 2), 0)
+    want = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).expand(1, 17, 1, 3)
+    assert torch.equal(y.detach().cpu().double(), want)
+    gx, gl = torch.autograd.grad(y, (x, logit), torch.ones_like(y))
+    assert torch.equal(gx.cpu().double(), torch.tensor([1.0, 0, 1, 0, 0, 0], dtype=torch.float64).expand(1, 17, 1, 6))
+    assert torch.equal(gl.cpu().double(), torch.zeros(1, 17, 1, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,offsets,tol", [
+    (torch.float32, (1e2, 1e4, 1e6, 1e7), 2e-5),
+    (torch.float64, (1e2, 1e8, 1e14, 1e16), 1e-10),
+], ids=["float32", "float64"])
+def test_gradients_accurate_at_large_logit_offsets(dtype, offsets, tol, layout, device, seed):
+    """Softmax is shift-invariant, so logits offset + l must give the
+    gradients of l: the saved statistics are relative to the window max, so
+    backward is as exact as forward at any offset."""
+    x, _ = make_inputs((2, 19, 9, 11), dtype, device, layout)
+    grad_out = torch.randn(2, 19, 5, 6, dtype=torch.float64).to(dtype).to(device)
+    for offset in offsets:
+        logit = (offset + torch.randn(x.shape, dtype=torch.float64) * 3).to(dtype)
+        shifted = logit.double() - offset  # exact: both near offset
+        y, gx, gl = run_fused(x, logit.to(device).contiguous(memory_format=x_format(x)), grad_out, 3, 2, 1, False)
+        y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), shifted, grad_out.cpu(), 3, 2, 1)
+        for got, want in ((y, y_ref), (gx, gx_ref), (gl, gl_ref)):
+            torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                                       msg=lambda m: f"offset {offset}: {m}")
+    # two tied logits at 1e8 share the weight equally
+    x2 = torch.tensor([[[[3.0, 5.0]]]], dtype=dtype, device=device, requires_grad=True)
+    l2 = torch.full((1, 1, 1, 2), 1e8, dtype=dtype, device=device, requires_grad=True)
+    y2 = lip_cuda.lip2d(x2, l2, (1, 2), (1, 2), 0)
+    gx2, gl2 = torch.autograd.grad(y2, (x2, l2), torch.ones_like(y2))
+    assert y2.item() == 4.0
+    assert gx2.flatten().tolist() == [0.5, 0.5]
+    assert gl2.flatten().tolist() == [-0.5, 0.5]
+
+
+def x_format(x):
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,10 +352,19 @@ def test_opcheck(dtype, layout, device, seed):
     args = ([3, 3], [2, 2], [1, 1], True)
     torch.library.opcheck(torch.ops.lip_cuda.lip2d_forward.default,
                           (x.requires_grad_(), logit.requires_grad_(), *args))
-    out, lse = torch.ops.lip_cuda.lip2d_forward(x.detach(), logit.detach(), *args)
+    out, wmax, inv = torch.ops.lip_cuda.lip2d_forward(x.detach(), logit.detach(), *args)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(torch.ops.lip_cuda.lip2d_backward.default,
-                          (grad_out, x.detach(), logit.detach(), out, lse, *args))
+                          (grad_out, x.detach(), logit.detach(), out, wmax, inv, *args))
+    # a logit shared across the channels, and a float32 logit with half x
+    shared = logit[:, :1].detach().contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                                else torch.contiguous_format)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_forward.default, (x.detach(), shared.requires_grad_(), *args))
+    out, wmax, inv = torch.ops.lip_cuda.lip2d_forward(x.detach(), shared.detach(), *args)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_backward.default,
+                          (grad_out, x.detach(), shared.detach(), out, wmax, inv, *args))
+    half_x = x.detach().to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_forward.default, (half_x, logit.detach().float(), *args))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -286,8 +418,12 @@ def _bad_calls():
     l = torch.randn(2, 3, 8, 8)
     ops = torch.ops.lip_cuda
     return [
-        ("rank", lambda: lip_cuda.lip2d(x[0], l[0]), RuntimeError, r"x to be a 4-D \(N, C, H, W\)"),
-        ("shapes", lambda: lip_cuda.lip2d(x, l[:, :2]), RuntimeError, r"logit to have the same shape as x"),
+        ("rank", lambda: lip_cuda.lip2d(x[0, 0], l[0, 0]), ValueError, r"x to be a 4-D \(N, C, H, W\) or 3-D"),
+        ("shapes", lambda: lip_cuda.lip2d(x, l[:, :2]), ValueError, r"logit to be broadcastable to x's shape"),
+        ("op shapes", lambda: ops.lip2d_forward(x, l[:, :2], [3, 3], [2, 2], [1, 1], False), RuntimeError,
+         r"logit to have the same shape as x, \[2, 3, 8, 8\], or size 1 in N and/or C"),
+        ("op rank", lambda: ops.lip2d_forward(x[0], l[0], [3, 3], [2, 2], [1, 1], False), RuntimeError,
+         r"x to be a 4-D \(N, C, H, W\) tensor"),
         ("int x", lambda: lip_cuda.lip2d(x.long(), l), TypeError, r"x to have a floating-point dtype"),
         ("int logit", lambda: lip_cuda.lip2d(x, l.int()), TypeError, r"logit to have a floating-point dtype"),
         ("devices", lambda: lip_cuda.lip2d(x, l.to("meta")), ValueError, r"same device"),
@@ -300,16 +436,17 @@ def _bad_calls():
         ("kernel too big", lambda: lip_cuda.lip2d(x, l, 11, 1, 1), RuntimeError, r"output would be empty"),
         ("kernel triple", lambda: lip_cuda.lip2d(x, l, (3, 3, 3)), ValueError, r"kernel_size to be an int or a pair"),
         ("no channels", lambda: lip_cuda.lip2d(x[:, :0], l[:, :0]), RuntimeError, r"C, H and W of x to be non-zero"),
-        ("op dtypes", lambda: ops.lip2d_forward(x, l.double(), [3, 3], [2, 2], [1, 1], False),
-         RuntimeError, r"logit to have the same dtype as x"),
+        ("op int logit", lambda: ops.lip2d_forward(x, l.int(), [3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"logit to have a floating-point dtype"),
         ("op list", lambda: ops.lip2d_forward(x, l, [3, 3, 3], [2, 2], [1, 1], False),
          RuntimeError, r"kernel_size"),
         ("grad shape", lambda: ops.lip2d_backward(torch.randn(2, 3, 5, 4), x, l, *ops.lip2d_forward(
             x, l, [3, 3], [2, 2], [1, 1], False), [3, 3], [2, 2], [1, 1], False),
          RuntimeError, r"grad_out of shape \[2, 3, 4, 4\]"),
-        ("lse dtype", lambda: ops.lip2d_backward(torch.randn(2, 3, 4, 4), x, l, torch.randn(2, 3, 4, 4),
-                                                 torch.randn(2, 3, 4, 4).double(), [3, 3], [2, 2], [1, 1], False),
-         RuntimeError, r"lse of dtype Float"),
+        ("stats dtype", lambda: ops.lip2d_backward(torch.randn(2, 3, 4, 4), x, l, torch.randn(2, 3, 4, 4),
+                                                   torch.randn(2, 3, 4, 4).double(), torch.randn(2, 3, 4, 4),
+                                                   [3, 3], [2, 2], [1, 1], False),
+         RuntimeError, r"window_max of dtype Float"),
     ]
 
 
