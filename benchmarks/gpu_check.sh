@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Everything a GPU session needs, in one command:
+#
+#   bash benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine (about 8 minutes at most)
+#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR  # the same steps, tiny, on the CPU (tests the script)
+#
+# GPU steps, each under its own time limit and all under one deadline, in
+# order of what matters most when time runs short:
+#   1. build the extension in place for the visible GPU only (no venv, no downloads)
+#   2. the CUDA tests (every test whose id names cuda), once per kernel variant
+#   3. the kernel benchmark: batch 64, float32 and bfloat16, both layouts, fused
+#      (generic and fast) against eager and torch.compile of the reference
+#   4. the LIP-ResNet-50 training step, bfloat16 channels_last and float32
+#   5. compute-sanitizer memcheck, racecheck, initcheck, synccheck over
+#      benchmarks/gpu_workload.py (every kernel, dtype pair, layout, variant)
+#   6. ncu: DRAM bytes and time of each lip2d kernel at the s2b layer (if time is left)
+# OUTDIR gets gpu_check.log (every step's output), results.json (everything
+# measured, with the device) and summary.txt, which is also printed.
+# A tool that is missing or refuses the device is reported, not fatal.
+set -uo pipefail
+
+MODE=gpu
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  MODE=cpu
+  shift
+fi
+OUT=${1:?usage: bash benchmarks/gpu_check.sh [--cpu-smoke] OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WORK=$(mktemp -d)
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-470} ))
+
+# step NAME LIMIT CMD...: runs CMD with a time limit (cut to the deadline),
+# output to $WORK/NAME.log and the combined log; records "NAME rc seconds".
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 15 ]; then
+    echo "$name skipped 0" >> "$WORK/steps"
+    echo "=== $name: skipped, out of time" >> "$LOG"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local start rc
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  cat "$WORK/$name.log" >> "$LOG"
+  echo "$name $rc $(( $(date +%s) - start ))" >> "$WORK/steps"
+  echo "    -> exit $rc after $(( $(date +%s) - start ))s" | tee -a "$LOG"
+  return 0
+}
+
+step env 60 "$PY" -c "
+import platform, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('device', p.name, 'capability', p.major, p.minor, 'memory', p.total_memory)
+"
+
+if [ "$MODE" = gpu ]; then
+  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+  CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+  export CUDA_HOME
+  step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+    "$PY" setup.py build_ext --inplace
+  step import 60 "$PY" -c "import lip_cuda; assert lip_cuda.built_with_cuda(), 'CUDA kernels not built'; print('lip_cuda with CUDA kernels')"
+  TEST_SEL=(-k cuda tests)
+  BENCH_ARGS=(--device cuda --batch 64 --dtypes float32,bfloat16 --layouts contiguous,channels_last)
+  BASELINES=fused,reference,compiled
+  TRAIN_ARGS=(--device cuda)
+else
+  step import 60 "$PY" -c "import lip_cuda; print('lip_cuda, CUDA kernels:', lip_cuda.built_with_cuda())"
+  # the emulated CUDA kernels stand in for the GPU tests
+  TEST_SEL=(tests/test_kernels_emulated.py -k "float32-float32 and k3s2p1")
+  BENCH_ARGS=(--device cpu --shapes s4b --batch 1 --dtypes float32 --layouts contiguous,channels_last
+              --budget-ms 20 --max-reps 5)
+  BASELINES=fused,reference  # torch.compile on the CPU takes minutes
+  TRAIN_ARGS=(--device cpu --batch 2 --size 64 --steps 2 --warmup 1)
+fi
+
+for variant in generic fast; do
+  step "tests_$variant" 200 env LIP_CUDA_KERNELS=$variant "$PY" -m pytest -q -p no:cacheprovider "${TEST_SEL[@]}"
+done
+
+step bench_generic 220 env LIP_CUDA_KERNELS=generic "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+  --impls "$BASELINES" --json "$WORK/bench_generic.json"
+step bench_fast 100 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+  --impls fused --json "$WORK/bench_fast.json"
+
+for variant in fast generic; do
+  step "train_bf16_cl_$variant" 90 env LIP_CUDA_KERNELS=$variant "$PY" benchmarks/bench_train.py \
+    "${TRAIN_ARGS[@]}" --dtype bfloat16 --channels-last --json "$WORK/train_bf16_cl_$variant.json"
+done
+step train_fp32_fast 90 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" \
+  --dtype float32 --json "$WORK/train_fp32_fast.json"
+
+if [ "$MODE" = gpu ]; then
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck initcheck synccheck; do
+      step "sanitizer_$tool" 100 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        "$PY" benchmarks/gpu_workload.py
+    done
+  else
+    echo "compute-sanitizer: not found" >> "$WORK/sanitizer_missing"
+  fi
+  if command -v ncu > /dev/null; then
+    step ncu 90 ncu --kernel-name regex:lip_kernel_entry --metrics \
+      gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      "$PY" benchmarks/gpu_workload.py --ncu
+  fi
+else
+  step workload 120 "$PY" benchmarks/gpu_workload.py --device cpu
+fi
+
+"$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE"
+rc=$?
+rm -rf "$WORK"
+exit $rc

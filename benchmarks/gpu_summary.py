@@ -1,0 +1,189 @@
+"""Summary of a benchmarks/gpu_check.sh run: results.json and summary.txt.
+
+Reads the step records, logs and JSON files that gpu_check.sh left in its
+work folder and writes, into the output folder, results.json (everything
+measured, with the device and the commit) and summary.txt (tests, sanitizer
+verdicts, the speedup table against eager and torch.compile, the training
+step), which it also prints. Exit status 1 when a test failed, a sanitizer
+reported errors, or the build failed.
+
+    python benchmarks/gpu_summary.py WORK_DIR OUT_DIR [--mode gpu|cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_steps(work: Path) -> Dict[str, Dict[str, Any]]:
+    steps: Dict[str, Dict[str, Any]] = {}
+    path = work / "steps"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, rc, seconds = line.split()
+            steps[name] = {"exit": None if rc == "skipped" else int(rc), "seconds": int(seconds),
+                           "skipped": rc == "skipped", "timed_out": rc in ("124", "137")}
+    return steps
+
+
+def log_of(work: Path, name: str) -> str:
+    path = work / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def pytest_counts(text: str) -> Optional[Dict[str, int]]:
+    """passed/failed/skipped/errors from pytest's closing line."""
+    lines = [l for l in text.splitlines() if re.search(r"\d+ (passed|failed|error)", l)]
+    if not lines:
+        return None
+    counts = {key: 0 for key in ("passed", "failed", "skipped", "errors")}
+    for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", lines[-1]):
+        key = "errors" if word.startswith("error") else word
+        if key in counts:
+            counts[key] = int(number)
+    return counts
+
+
+def sanitizer_verdict(text: str, step: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    if step is None:
+        return {"verdict": "not run"}
+    if step["skipped"]:
+        return {"verdict": "skipped (out of time)"}
+    match = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    if match is None:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        return {"verdict": "unavailable", "detail": tail[-300:], "exit": step["exit"]}
+    errors = int(match.group(1))
+    workload_ok = "0 mismatches" in text
+    return {"verdict": "clean" if errors == 0 and workload_ok else "ERRORS", "errors": errors,
+            "workload_ok": workload_ok, "exit": step["exit"]}
+
+
+def load_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def speedup_table(generic: Optional[Dict[str, Any]], fast: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (layer, dtype, layout): fwd+bwd medians and the fused
+    variants' speedups over eager and torch.compile of the reference."""
+    times: Dict[tuple, Dict[str, Any]] = {}
+    for name, data in (("generic", generic), ("fast", fast)):
+        for rec in (data or {}).get("results", []):
+            if rec.get("error") or rec.get("fwd_bwd_ms") is None:
+                continue
+            key = (rec["layer"], rec["dtype"], rec["layout"])
+            impl = rec["impl"] if rec["impl"] != "fused" else f"fused_{name}"
+            row = times.setdefault(key, {"layer": key[0], "dtype": key[1], "layout": key[2]})
+            row[f"{impl}_ms"] = rec["fwd_bwd_ms"]
+            if rec["impl"] == "fused":
+                row[f"{impl}_copy_fraction"] = rec.get("copy_fraction")
+            if rec.get("unreliable"):
+                row.setdefault("unreliable", []).append(impl)
+    for row in times.values():
+        for variant in ("generic", "fast"):
+            fused = row.get(f"fused_{variant}_ms")
+            for base in ("reference", "compiled"):
+                if fused and row.get(f"{base}_ms"):
+                    row[f"{variant}_vs_{base}"] = row[f"{base}_ms"] / fused
+    return list(times.values())
+
+
+def fmt(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
+    args = ap.parse_args()
+    work, out = args.work, args.out
+    steps = read_steps(work)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+
+    results: Dict[str, Any] = {"mode": args.mode, "commit": commit, "steps": steps,
+                               "environment": log_of(work, "env").strip().splitlines()}
+    results["tests"] = {v: pytest_counts(log_of(work, f"tests_{v}")) for v in ("generic", "fast")}
+    results["sanitizer"] = {tool: sanitizer_verdict(log_of(work, f"sanitizer_{tool}"), steps.get(f"sanitizer_{tool}"))
+                            for tool in ("memcheck", "racecheck", "initcheck", "synccheck")}
+    if (work / "sanitizer_missing").exists():
+        results["sanitizer"] = {tool: {"verdict": "unavailable (compute-sanitizer not found)"}
+                                for tool in results["sanitizer"]}
+    bench = {v: load_json(work / f"bench_{v}.json") for v in ("generic", "fast")}
+    results["bench"] = bench
+    results["speedups"] = speedup_table(bench["generic"], bench["fast"])
+    results["train"] = {p.stem: load_json(p) for p in sorted(work.glob("train_*.json"))}
+    results["workload"] = log_of(work, "workload").strip().splitlines()[-1:] if args.mode == "cpu" else None
+    results["ncu"] = log_of(work, "ncu")[-20000:] or None
+
+    lines = [f"gpu_check ({args.mode}) at commit {commit}"]
+    lines += [f"  {l}" for l in results["environment"]]
+    failed = False
+    for name, step in steps.items():
+        if step["exit"] not in (0, None) and not name.startswith(("sanitizer_", "ncu")):
+            lines.append(f"  step {name}: exit {step['exit']}{' (timed out)' if step['timed_out'] else ''}")
+            if name in ("build", "import") or name.startswith("tests_"):
+                failed = True
+    if steps.get("build", {}).get("exit") not in (0, None):
+        lines.append("  BUILD FAILED: see gpu_check.log")
+    lines.append("tests (CUDA tests on the GPU; emulated-kernel tests in --cpu-smoke):")
+    for variant, counts in results["tests"].items():
+        lines.append(f"  {variant}: {counts if counts else 'no result'}")
+        if counts is None or counts["failed"] or counts["errors"] or not counts["passed"]:
+            failed = True
+    lines.append("compute-sanitizer over benchmarks/gpu_workload.py:")
+    for tool, verdict in results["sanitizer"].items():
+        lines.append(f"  {tool}: {verdict['verdict']}" + (f" ({verdict['errors']} errors)" if "errors" in verdict else "")
+                     + (f" [{verdict['detail']}]" if verdict.get("detail") else ""))
+        if verdict["verdict"] == "ERRORS":
+            failed = True
+    if results["workload"]:
+        lines.append(f"workload: {results['workload'][0]}")
+    device = (bench["generic"] or bench["fast"] or {}).get("device")
+    copy = (bench["generic"] or {}).get("copy_gbps")
+    lines.append(f"kernel benchmark (fwd+bwd medians, ms; speedup of fused over eager / torch.compile) on {device}"
+                 + (f", copy {copy:.0f} GB/s" if copy else "") + ":")
+    lines.append(f"  {'layer':<6} {'dtype':<9} {'layout':<14} {'eager':>8} {'compile':>8} {'generic':>8} "
+                 f"{'x eager':>7} {'x comp':>6} {'fast':>8} {'x eager':>7} {'x comp':>6} {'%copy':>6}")
+    for r in results["speedups"]:
+        frac = r.get("fused_fast_copy_fraction")
+        lines.append(
+            f"  {r['layer']:<6} {r['dtype']:<9} {r['layout']:<14} {fmt(r.get('reference_ms'), '8.3f')} "
+            f"{fmt(r.get('compiled_ms'), '8.3f')} {fmt(r.get('fused_generic_ms'), '8.3f')} "
+            f"{fmt(r.get('generic_vs_reference'), '6.2f', 'x')} {fmt(r.get('generic_vs_compiled'), '5.2f', 'x')} "
+            f"{fmt(r.get('fused_fast_ms'), '8.3f')} {fmt(r.get('fast_vs_reference'), '6.2f', 'x')} "
+            f"{fmt(r.get('fast_vs_compiled'), '5.2f', 'x')} {fmt(None if frac is None else 100 * frac, '5.0f', '%')}"
+            + (f"  unreliable: {','.join(r['unreliable'])}" if r.get("unreliable") else ""))
+    lines.append("training step (LIP-ResNet-50, median ms; reference / fused):")
+    for name, data in results["train"].items():
+        res = (data or {}).get("results", {})
+        fused, ref = res.get("fused", {}), res.get("reference", {})
+        f_ms, r_ms = fused.get("step_ms_median"), ref.get("step_ms_median")
+        ratio = r_ms / f_ms if f_ms and r_ms else None
+        lines.append(f"  {name}: fused {fmt(f_ms, '.1f')} ms, reference {fmt(r_ms, '.1f')} ms, "
+                     f"ratio {fmt(ratio, '.2f', 'x')}")
+    lines.append(f"verdict: {'FAILED' if failed else 'ok'}")
+
+    results["verdict"] = "failed" if failed else "ok"
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.txt").write_text(summary)
+    print(summary, end="")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.sh --cpu-smoke: the GPU session's one command, run
+here at tiny sizes on the CPU so the script itself is tested in CI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # the device tool returns at most 8 files, flat
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "results.json", "summary.txt"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdict"] == "ok"
+    failed = {name: s for name, s in results["steps"].items() if s["exit"] != 0}
+    assert not failed, failed
+    for variant in ("generic", "fast"):
+        counts = results["tests"][variant]
+        assert counts["passed"] > 0 and counts["failed"] == 0 and counts["errors"] == 0
+    rows = results["speedups"]
+    assert {(r["layer"], r["layout"]) for r in rows} == {("s4b", "contiguous"), ("s4b", "channels_last")}
+    for r in rows:
+        assert r["reference_ms"] > 0 and r["fused_generic_ms"] > 0 and r["fused_fast_ms"] > 0
+    assert set(results["train"]) == {"train_bf16_cl_fast", "train_bf16_cl_generic", "train_fp32_fast"}
+    for data in results["train"].values():
+        assert data["results"]["fused"]["step_ms_median"] > 0
+    assert results["workload"] and "0 mismatches" in results["workload"][0]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.rstrip().endswith("verdict: ok") and summary in proc.stdout
