@@ -57,7 +57,7 @@ $(TDEPS): Makefile $(DEPS)
 $(BUILT): $(DEPS) setup.py cuda_toolkit.py pyproject.toml $(wildcard csrc/*)
 	@echo "Building lip_cuda (2-core machine: about 1.5 min CPU-only, about 6 min with the CUDA kernels) ..."
 	$(PIP) install --no-build-isolation -v -e . 2>&1 | tee $(VENV)/build.log \
-	  | sed -unE -e 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) -o .*#  \1 compiling \2#p' -e '/^lip_cuda setup:/p' -e '/error:/p'
+	  | sed -unE -e 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) -o .*#  \1 compiling \2#p' -e '/^lip_cuda setup:/p' -e '/error:/p'
 	$(VPY) -c "import lip_cuda; print('lip_cuda built; CUDA kernels:', lip_cuda.built_with_cuda())"
 	touch $@
 
