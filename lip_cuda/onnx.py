@@ -99,6 +99,12 @@ def _auxiliary_outputs(window_max: Any, weight_sum: Any, out: Any, aux_dtype: ir
     lse = op.Add(window_max, op.Log(weight_sum))
     lse = op.Expand(op.Cast(lse, to=aux_dtype), op.Shape(out))  # logits may broadcast over N, C
     return (lse,)
+    # For a schema (Tensor out, Tensor window_max, Tensor inv_weight_sum), with
+    # window_max 0 and inv_weight_sum 0 where a window's logits are all -inf
+    # (window_max arrives here with that 0 already), the body would be:
+    #   zero = _scalar_like(0.0, weight_sum)
+    #   inv = op.Where(op.Greater(weight_sum, zero), op.Reciprocal(weight_sum), zero)
+    #   return tuple(op.Expand(op.Cast(t, to=aux_dtype), op.Shape(out)) for t in (window_max, inv))
 
 
 def lip2d_forward_onnx(
