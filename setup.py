@@ -1,26 +1,46 @@
 """Build lip_cuda's extension at install time.
 
-CUDA + CPU kernels when torch is a CUDA build and a CUDA toolkit is found
-(CUDA_HOME), CPU kernels otherwise; set LIP_CUDA_FORCE_CPU=1 to skip CUDA.
-Install with:  pip install --no-build-isolation -e .
+CUDA + CPU kernels when torch is a CUDA build; the CUDA toolkit is found by
+cuda_toolkit.py (CUDA_HOME, nvcc on PATH, /usr/local/cuda: the first with
+bin/nvcc and libcudart), and the build stops with one line saying what to set
+when there is none. CPU kernels only when torch is a CPU build or
+LIP_CUDA_FORCE_CPU=1. Install with:  pip install --no-build-isolation -e .
+(add -v to see the compiler lines while it builds).
 """
 import os
 import platform
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
+sys.path.insert(0, str(ROOT))
+from cuda_toolkit import Toolkit, ToolkitError, build_plan  # noqa: E402
+
+#: Optional dependencies: pip install -e .[plot], .[onnx], .[test]
+EXTRAS = {
+    "plot": ["matplotlib"],
+    "onnx": ["onnx", "onnxscript", "onnxruntime"],
+    "test": ["pytest", "numpy"],
+}
 
 
-def want_cuda() -> bool:
-    if os.environ.get("LIP_CUDA_FORCE_CPU", "0") == "1":
-        return False
+def cuda_toolkit() -> "Toolkit | None":
+    """The toolkit for a CUDA build, None for a CPU build; exits with one line when CUDA has no toolkit."""
     import torch
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    try:
+        toolkit = build_plan(torch.version.cuda)
+    except ToolkitError as error:
+        sys.exit(f"lip_cuda setup: {error}")
+    if toolkit is not None:
+        # torch's cpp_extension made its own guess at import; build with ours.
+        os.environ["CUDA_HOME"] = toolkit.home
+        cpp_extension.CUDA_HOME = toolkit.home
+    return toolkit
 
 
 def default_cuda_arch_list() -> None:
@@ -53,13 +73,15 @@ def extension():
     sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp", f"{CSRC}/lip2d_emulate.cpp"]
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
     cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags() + openmp_flags()
-    if want_cuda():
+    toolkit = cuda_toolkit()
+    if toolkit is not None:
         default_cuda_arch_list()
         return cpp_extension.CUDAExtension(
             "lip_cuda._C",
             sources + [f"{CSRC}/lip2d_cuda.cu"],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            library_dirs=[toolkit.lib_dir],
             extra_link_args=openmp_flags(),
         )
     return cpp_extension.CppExtension(
@@ -78,4 +100,5 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    extras_require=EXTRAS,
 )

@@ -13,10 +13,12 @@ LIP layers of LIP-ResNet-50:
   ``torch._functorch.config.donated_buffer = False`` so that its backward can
   run with ``retain_graph=True`` (donation only saves memory in backward).
 
-It runs on the GPU when one is visible and on the CPU otherwise, and prints
-one table: forward, backward and forward+backward medians, the fused
-kernel's speedup over each baseline, achieved bandwidth (GPU) and the
-extra peak memory of forward+backward (GPU).
+It runs on the GPU when one is visible and on the CPU otherwise, measures
+forward, backward and forward+backward medians, achieved bandwidth (GPU) and
+the extra peak memory of forward+backward (GPU), writes them as JSON
+(``--json``) and prints the report of ``report.py`` (table, speedups,
+summary; ``--plot`` for a PNG). ``python benchmarks/report.py FILE.json``
+re-reports a results file without measuring.
 
 Shapes (per image C x H x W; batch 64 on the GPU, 2 on the CPU):
 
@@ -28,33 +30,18 @@ Inputs: ``x = randn``, ``logit = 12 * sigmoid(randn)`` (the paper's gate
 range [0, 12]; float16 reference overflows there: exp(12) = 162754 > 65504,
 and the table marks such outputs ``NaN/inf``).
 
-Method:
-
-* Several input sets (x, logit, upstream grad) per case, each freshly drawn,
-  whose total exceeds the cache (2 x L2 on the GPU, 64 MiB on the CPU);
-  timed calls rotate through them so small shapes are not served from cache.
-* GPU: CUDA events around every call, read after one final synchronize;
-  CPU: ``time.perf_counter``. Warm-up first, then repetitions to fill a time
-  budget; medians are reported.
-* forward: the training forward (inputs require grad, so what backward
-  needs is saved); its graph is dropped after each call.
-* backward: one graph per input set is built once up front; each timed call
-  is ``torch.autograd.grad(y, (x, logit), grad, retain_graph=True)``, i.e.
-  autograd backward alone, returning fresh dx and dlogit (no accumulation).
-* fwd+bwd: forward then ``torch.autograd.grad`` without retained graph.
-* GB/s (GPU): (2.5 + 4.75) * numel * elem_size bytes / fwd+bwd time, the
-  fused kernels' byte count from DESIGN.md, used for every impl so the
-  figures compare like for like; %copy divides by a device-to-device copy
-  bandwidth measured in the same run.
-* extra MiB (GPU): ``max_memory_allocated`` during one fwd+bwd minus the
-  memory allocated before it (so it includes y and the two gradients).
-  Not available on the CPU; reported as n/a / null, never estimated.
+Method (in full, with the byte model behind GB/s: docs/benchmarking.md):
+fresh random input sets larger than the cache, rotated; CUDA events (GPU) or
+perf_counter (CPU) per call; medians after warm-up; backward timed alone on
+retained graphs; rows that look unreliable (large spread, or fwd+bwd far from
+fwd + bwd) are measured again, up to ``--retries`` times.
 
 Examples::
 
     python benchmarks/bench_lip.py
     python benchmarks/bench_lip.py --shapes stem,s4b --dtypes float16 --json out.json
     python benchmarks/bench_lip.py --compile --plot speedup.png      # CPU, with torch.compile
+    python benchmarks/report.py out.json --plot out.png               # report a results file again
 """
 
 from __future__ import annotations
@@ -63,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,6 +62,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import report  # noqa: E402
+from report import NAN_MARK, shape_str  # noqa: E402
 from timing import (  # noqa: E402
     CpuContention,
     Measurement,
@@ -117,15 +105,14 @@ LAYOUTS = ("contiguous", "channels_last")
 IMPLS = ("fused", "reference", "compiled")
 BASELINES = ("reference", "compiled")
 
-#: DESIGN.md byte model per input element, in units of elem_size.
+#: Bytes the fused kernels move per input element, in units of elem_size
+#: (derivation, and the reference's count: docs/benchmarking.md).
 FWD_BYTES_PER_ELEM = 2.5
 BWD_BYTES_PER_ELEM = 4.75
 
 DEFAULT_BATCH = {"cuda": 64, "cpu": 2}
 MAX_INPUT_SETS = 32
-NAN_MARK = "NaN/inf"
-#: CPU runs during which other processes used at least this share of all CPUs get a warning.
-BUSY_FRACTION = 0.05
+DEFAULT_RETRIES = 2
 
 LipFn = Callable[..., torch.Tensor]
 
@@ -172,6 +159,8 @@ class Record:
     finite: Optional[bool] = None
     nonfinite_output_fraction: Optional[float] = None
     input_sets: int = 0
+    attempts: int = 1
+    unreliable: list[str] = field(default_factory=list)
     reps: dict[str, int] = field(default_factory=dict)
     p20_p80_ms: dict[str, list[float]] = field(default_factory=dict)
     error: Optional[str] = None
@@ -203,7 +192,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "  medians of CUDA-event (GPU) or perf_counter (CPU) per-call times after warm-up;\n"
         "  calls rotate over fresh random input sets larger than the cache;\n"
         "  backward = autograd.grad(retain_graph=True) on graphs built before timing;\n"
-        "  GB/s = (2.5 + 4.75) * numel * elem_size / fwd+bwd time, for every impl (GPU only)",
+        "  rows with a large spread or fwd+bwd far from fwd + bwd are re-measured (--retries);\n"
+        "  GB/s = (2.5 + 4.75) * numel * elem_size / fwd+bwd time, for every impl (GPU only);\n"
+        "  details: docs/benchmarking.md",
     )
     p.add_argument("--shapes", type=str, default=None,
                    help="comma list of shape names (default: the 7 layers, + large on GPU)")
@@ -231,9 +222,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time budget per measurement; reps = budget / estimated call time")
     p.add_argument("--rotate-mib", type=float, default=None,
                    help="total MiB of input sets to rotate through (default: 2 x L2 on GPU, 64 on CPU)")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"re-measure a row up to this many times while its timings look unreliable "
+                        f"(default {DEFAULT_RETRIES})")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                   help="write a PNG of fused speedups (needs matplotlib; skipped if absent)")
+                   help="write a PNG of fused speedups (needs matplotlib: pip install -e .[plot])")
     return p.parse_args(argv)
 
 
@@ -417,15 +411,20 @@ def time_backward(fn: LipFn, sets: list[InputSet], device: torch.device, cfg: Ti
 
 
 def gbps(case: Case, ms: Optional[float]) -> Optional[float]:
-    """DESIGN.md byte model (fused fwd 2.5 + bwd 4.75 N b) over the measured fwd+bwd time."""
+    """Fused byte model (fwd 2.5 + bwd 4.75 N b, docs/benchmarking.md) over the measured fwd+bwd time."""
     if ms is None or ms <= 0:
         return None
     return (FWD_BYTES_PER_ELEM + BWD_BYTES_PER_ELEM) * case.numel * case.elem_size / (ms * 1e-3) / 1e9
 
 
 def measure_impl(case: Case, impl: str, fn: LipFn, sets: list[InputSet], device: torch.device,
-                 cfg: TimingConfig, copy_gbps: Optional[float]) -> Record:
-    """Time one implementation on one case; errors are recorded, not raised."""
+                 cfg: TimingConfig, copy_gbps: Optional[float], retries: int = 0) -> Record:
+    """Time one implementation on one case; errors are recorded, not raised.
+
+    While the row looks unreliable (report.unreliable_reasons), it is timed
+    again, up to ``retries`` more times; the attempt whose passes agree best
+    is kept, and ``unreliable`` says what is still wrong with it.
+    """
     rec = Record(case.layer, list(case.shape), case.dtype, case.layout, impl, input_sets=len(sets))
     try:
         forward_backward(fn, sets[0])  # prime: compile, autotune, lazy init
@@ -434,17 +433,25 @@ def measure_impl(case: Case, impl: str, fn: LipFn, sets: list[InputSet], device:
         rec.finite = all_finite((y, dx, dlogit))
         rec.nonfinite_output_fraction = nonfinite_fraction(y)
         del y, dx, dlogit
-        fwd = time_forward(fn, sets, device, cfg)
-        fb = time_forward_backward(fn, sets, device, cfg)
-        bwd = time_backward(fn, sets, device, cfg)
+        best: Optional[dict[str, Measurement]] = None
+        for attempt in range(1, retries + 2):
+            passes = {"forward": time_forward(fn, sets, device, cfg),
+                      "backward": time_backward(fn, sets, device, cfg),
+                      "fwd_bwd": time_forward_backward(fn, sets, device, cfg)}
+            if best is None or badness(passes) < badness(best):
+                best = passes
+            rec.attempts = attempt
+            if not report.unreliable_reasons(as_row(passes)):
+                break
     except Exception as exc:  # keep a long GPU run going; the error is shown and recorded
         rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         print(f"    ERROR {case.label()} {impl}: {rec.error}", file=sys.stderr, flush=True)
         return rec
+    fwd, bwd, fb = best["forward"], best["backward"], best["fwd_bwd"]
     rec.forward_ms, rec.backward_ms, rec.fwd_bwd_ms = fwd.median_ms, bwd.median_ms, fb.median_ms
-    passes = {"forward": fwd, "backward": bwd, "fwd_bwd": fb}
-    rec.reps = {k: m.reps for k, m in passes.items()}
-    rec.p20_p80_ms = {k: [m.p20_ms, m.p80_ms] for k, m in passes.items()}
+    rec.reps = {k: m.reps for k, m in best.items()}
+    rec.p20_p80_ms = {k: [m.p20_ms, m.p80_ms] for k, m in best.items()}
+    rec.unreliable = report.unreliable_reasons(asdict(rec))
     if device.type == "cuda":
         rec.fwd_bwd_gbps = gbps(case, fb.median_ms)
         if copy_gbps and rec.fwd_bwd_gbps is not None:
@@ -452,12 +459,25 @@ def measure_impl(case: Case, impl: str, fn: LipFn, sets: list[InputSet], device:
     return rec
 
 
+def as_row(passes: dict[str, Measurement]) -> dict[str, Any]:
+    """The fields of a JSON row that report.unreliable_reasons reads."""
+    row: dict[str, Any] = {f"{k}_ms": m.median_ms for k, m in passes.items()}
+    row["p20_p80_ms"] = {k: [m.p20_ms, m.p80_ms] for k, m in passes.items()}
+    return row
+
+
+def badness(passes: dict[str, Measurement]) -> float:
+    """How far an attempt is from trustworthy: fwd+bwd spread plus how far fwd+bwd is from fwd + bwd."""
+    row = as_row(passes)
+    return (report.spread(row) or 0.0) + abs(math.log(report.consistency(row) or 1.0))
+
+
 def run_case(case: Case, impls: list[str], lip_cuda: Any, device: torch.device, cfg: TimingConfig,
-             rotate_bytes: int, copy_gbps: Optional[float], seed: int) -> list[Record]:
+             rotate_bytes: int, copy_gbps: Optional[float], seed: int, retries: int = 0) -> list[Record]:
     """All implementations on one case, on the same input sets."""
     torch.manual_seed(seed)
     sets = [make_input_set(case, device) for _ in range(count_input_sets(case, rotate_bytes))]
-    records = [measure_impl(case, name, make_impl(name, lip_cuda), sets, device, cfg, copy_gbps)
+    records = [measure_impl(case, name, make_impl(name, lip_cuda), sets, device, cfg, copy_gbps, retries)
                for name in impls]
     del sets
     if device.type == "cuda":
@@ -470,184 +490,14 @@ def progress_line(i: int, total: int, case: Case, records: list[Record], seconds
     for r in records:
         t = "ERROR" if r.error else f"{r.fwd_bwd_ms:.3f} ms"
         mark = f" {NAN_MARK}" if r.finite is False else ""
+        if r.attempts > 1 or r.unreliable:
+            mark += f" [{r.attempts} attempts{', still ' + ','.join(r.unreliable) if r.unreliable else ''}]"
         parts.append(f"{r.impl} {t}{mark}")
     return (f"[{i:>{len(str(total))}}/{total}] {case.label()} ({records[0].input_sets} input sets): "
             f"fwd+bwd {', '.join(parts)}  ({seconds:.1f} s)")
 
 
-# --------------------------------------------------------------------------- speedups
-
-
-def speedups(records: list[Record]) -> list[dict[str, Any]]:
-    """Fused speedup (baseline time / fused time) per case and baseline."""
-    by_case: dict[tuple, dict[str, Record]] = {}
-    for r in records:
-        by_case.setdefault((r.layer, tuple(r.shape), r.dtype, r.layout), {})[r.impl] = r
-    out = []
-    for (layer, shape, dtype, layout), impls in by_case.items():
-        fused = impls.get("fused")
-        for base in BASELINES:
-            b = impls.get(base)
-            if fused is None or b is None or fused.error or b.error:
-                continue
-            out.append({
-                "layer": layer, "shape": list(shape), "dtype": dtype, "layout": layout, "baseline": base,
-                "forward": ratio(b.forward_ms, fused.forward_ms),
-                "backward": ratio(b.backward_ms, fused.backward_ms),
-                "fwd_bwd": ratio(b.fwd_bwd_ms, fused.fwd_bwd_ms),
-            })
-    return out
-
-
-def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
-    return None if num is None or not den else num / den
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))
-
-
-# --------------------------------------------------------------------------- report
-
-
-def shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def fmt(value: Optional[float], spec: str, missing: str) -> str:
-    return missing if value is None else format(value, spec)
-
-
-TABLE_COLUMNS = ("layer", "shape", "dtype", "layout", "impl", "fwd ms", "bwd ms", "f+b ms", "+-%",
-                 "GB/s", "%copy", "extra MiB", "output", "spd fwd", "spd bwd", "spd f+b")
-
-
-def table_rows(records: list[Record], device: torch.device) -> list[list[str]]:
-    na = "n/a"  # CPU: no bandwidth model / allocator stats (explained in the footer)
-    spd = {(s["layer"], tuple(s["shape"]), s["dtype"], s["layout"], s["baseline"]): s
-           for s in speedups(records)}
-    rows = []
-    for r in records:
-        s = spd.get((r.layer, tuple(r.shape), r.dtype, r.layout, r.impl))
-        err = "ERROR" if r.error else "-"
-        gpu_only = device.type == "cuda"
-        rows.append([
-            r.layer, shape_str(r.shape), r.dtype, r.layout, r.impl,
-            fmt(r.forward_ms, ".3f", err), fmt(r.backward_ms, ".3f", err), fmt(r.fwd_bwd_ms, ".3f", err),
-            fmt(spread_percent(r, "fwd_bwd"), ".0f", "-"),
-            fmt(r.fwd_bwd_gbps, ".0f", "-") if gpu_only else na,
-            fmt(None if r.copy_fraction is None else 100 * r.copy_fraction, ".0f", "-") if gpu_only else na,
-            fmt(None if r.extra_peak_bytes is None else r.extra_peak_bytes / 2**20, ".1f", "-")
-            if gpu_only else na,
-            "ERROR" if r.error else ("ok" if r.finite else NAN_MARK),
-            *(speedup_cell(s, k) for k in ("forward", "backward", "fwd_bwd")),
-        ])
-    return rows
-
-
-def spread_percent(r: Record, key: str) -> Optional[float]:
-    """Half the 20-80 percentile range of a pass, in percent of its median."""
-    median = getattr(r, f"{key}_ms")
-    if key not in r.p20_p80_ms or not median:
-        return None
-    p20, p80 = r.p20_p80_ms[key]
-    return 100 * (p80 - p20) / (2 * median)
-
-
-def speedup_cell(s: Optional[dict[str, Any]], key: str) -> str:
-    """'2.31x' on baseline rows; blank on fused rows (s is None)."""
-    if s is None:
-        return ""
-    return fmt(s[key], ".2f", "-") + ("x" if s[key] is not None else "")
-
-
-def render_table(header: Sequence[str], rows: list[list[str]], separate_on: int = 0) -> str:
-    """Fixed-width table; text columns left-aligned, numbers right-aligned; a rule between groups."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    numeric = [i >= 5 for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])]
-    prev = None
-    for r in rows:
-        if prev is not None and r[separate_on] != prev:
-            out.append("")
-        prev = r[separate_on]
-        out.append(line(r))
-    return "\n".join(out)
-
-
-def summary_lines(records: list[Record]) -> list[str]:
-    """Per baseline, dtype and layout: geomean, min and max fused fwd+bwd speedup, and how often fused is slower."""
-    lines = []
-    spd = [s for s in speedups(records) if s["fwd_bwd"] is not None]
-    for base in BASELINES:
-        for dtype in DTYPES:
-            for layout in LAYOUTS:
-                vals = [s for s in spd if (s["baseline"], s["dtype"], s["layout"]) == (base, dtype, layout)]
-                if vals:
-                    lines.append(summary_line(base, dtype, layout, vals))
-    return lines
-
-
-def summary_line(base: str, dtype: str, layout: str, vals: list[dict[str, Any]]) -> str:
-    lo = min(vals, key=lambda s: s["fwd_bwd"])
-    hi = max(vals, key=lambda s: s["fwd_bwd"])
-    slower = sum(s["fwd_bwd"] < 1.0 for s in vals)
-    return (f"fused vs {base:<9} {dtype:<8} {layout:<13}: fwd+bwd speedup geomean "
-            f"{geomean([s['fwd_bwd'] for s in vals]):.2f}x, min {lo['fwd_bwd']:.2f}x ({lo['layer']}), "
-            f"max {hi['fwd_bwd']:.2f}x ({hi['layer']}); fused slower in {slower}/{len(vals)}")
-
-
-def contention_lines(meta: dict[str, Any]) -> list[str]:
-    """How much other processes used the CPUs during the run, with a warning when it matters."""
-    c = meta.get("cpu_contention") or {}
-    lines = []
-    if c.get("other_cpu_s") is not None:
-        lines.append(f"other processes during the run: {c['other_cpu_s']:.1f} CPU-s over {c['wall_s']:.1f} s wall "
-                     f"on {os.cpu_count()} CPUs ({100 * c['other_cpu_fraction']:.0f}% of the machine), "
-                     f"steal {c['steal_s']:.1f} s")
-    if (c.get("other_cpu_fraction") or 0) >= BUSY_FRACTION:
-        lines.append("WARNING: other processes competed for the CPUs during the run: "
-                     "these CPU timings are unreliable.")
-    return lines
-
-
-def report_text(meta: dict[str, Any], records: list[Record], device: torch.device) -> str:
-    head = [
-        f"LIP pooling benchmark (k={KERNEL_SIZE}, s={STRIDE}, p={PADDING}; x ~ randn, logit = 12*sigmoid(randn))",
-        f"device: {meta['device']} ({device.type}) | torch {meta['torch']} | cuda {meta['cuda']} | "
-        f"threads {meta['num_threads']} | load avg {fmt(meta['load_avg_1min_at_start'], '.2f', 'n/a')} "
-        f"| commit {meta['commit']}",
-        f"timing: {meta['timing']}",
-        "copy bandwidth: " + (f"{meta['copy_gbps']:.0f} GB/s (device-to-device copy_, 2 x bytes)"
-                              if meta["copy_gbps"] else "n/a on CPU (not measured)"),
-        "",
-    ]
-    if device.type == "cpu":
-        head[-1:-1] = contention_lines(meta)
-    foot = [
-        "",
-        "ms: medians; +-% = half the 20-80 percentile range of fwd+bwd times, relative to the median. "
-        "spd = this impl's time / fused time (>1: fused faster), on baseline rows.",
-        f"output: ok = forward output and both gradients finite; {NAN_MARK} = some are NaN or inf "
-        "(float16 reference: exp(12) = 162754 > 65504 overflows).",
-    ]
-    if device.type == "cuda":
-        foot.append(f"GB/s = {FWD_BYTES_PER_ELEM + BWD_BYTES_PER_ELEM} * numel * elem_size / fwd+bwd time "
-                    "(fused byte model, same for every impl); %copy = GB/s / copy bandwidth; "
-                    "extra MiB = peak allocated during one fwd+bwd beyond memory allocated before it "
-                    "(includes y, dx, dlogit).")
-    else:
-        foot.append("GB/s, %copy, extra MiB: n/a on CPU (bandwidth model and allocator peak stats are "
-                    "GPU-only; JSON has null, nothing is estimated).")
-    errors = [r for r in records if r.error]
-    foot += [f"ERROR {r.layer} {r.dtype} {r.layout} {r.impl}: {r.error}" for r in errors]
-    summary = summary_lines(records)
-    body = render_table(TABLE_COLUMNS, table_rows(records, device))
-    return "\n".join(head + [body] + foot + ([""] + summary if summary else []))
+# --------------------------------------------------------------------------- results
 
 
 def metadata(device: torch.device, copy_gbps: Optional[float], cfg: TimingConfig, batch: int,
@@ -655,6 +505,7 @@ def metadata(device: torch.device, copy_gbps: Optional[float], cfg: TimingConfig
     clock = "CUDA events per call" if device.type == "cuda" else "time.perf_counter wall-clock per call"
     return {
         "device": device_name(device),
+        "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "commit": git_commit(REPO_ROOT),
@@ -664,9 +515,13 @@ def metadata(device: torch.device, copy_gbps: Optional[float], cfg: TimingConfig
         "batch": batch,
         "kernel_size": KERNEL_SIZE, "stride": STRIDE, "padding": PADDING,
         "bytes_per_elem_model": {"forward": FWD_BYTES_PER_ELEM, "backward": BWD_BYTES_PER_ELEM},
+        # Which kernel variant the extension ran (LIP_CUDA_KERNELS selects one).
+        "kernels": os.environ.get("LIP_CUDA_KERNELS", "default"),
+        "cpu_count": os.cpu_count(),
         "timing": (f"{clock}, median of {cfg.min_reps}-{cfg.max_reps} reps filling {cfg.budget_ms:g} ms "
                    f"after {cfg.warmup} warm-up; inputs rotate over >= {rotate_bytes / 2**20:.0f} MiB of sets; "
-                   "backward = autograd.grad with retain_graph=True on graphs built once"),
+                   "backward = autograd.grad with retain_graph=True on graphs built once; "
+                   "unreliable rows re-measured"),
     }
 
 
@@ -678,50 +533,15 @@ def load_average() -> Optional[float]:
         return None
 
 
-def write_json(path: Path, meta: dict[str, Any], records: list[Record]) -> None:
+def results_doc(meta: dict[str, Any], records: list[Record]) -> dict[str, Any]:
+    """The JSON document: metadata, one row per (case, impl), and the speedups derived from them."""
+    rows = [asdict(r) for r in records]
+    return {**meta, "results": rows, "speedups": report.speedups(rows)}
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "results": [asdict(r) for r in records], "speedups": speedups(records)}
     path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def write_plot(path: Path, records: list[Record]) -> None:
-    """Bar chart of fused fwd+bwd speedup per layer and dtype (one panel per baseline x layout)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"--plot: matplotlib is not installed; skipped {path}", flush=True)
-        return
-    spd = [s for s in speedups(records) if s["fwd_bwd"] is not None]
-    if not spd:
-        print("--plot: no speedups to plot", flush=True)
-        return
-    bases = [b for b in BASELINES if any(s["baseline"] == b for s in spd)]
-    layouts = [l for l in LAYOUTS if any(s["layout"] == l for s in spd)]
-    layers = list(dict.fromkeys(s["layer"] for s in spd))
-    dtypes = [d for d in DTYPES if any(s["dtype"] == d for s in spd)]
-    fig, axes = plt.subplots(len(bases), len(layouts), squeeze=False,
-                             figsize=(max(6, 1.1 * len(layers)) * len(layouts), 3.5 * len(bases)))
-    width = 0.8 / len(dtypes)
-    for i, base in enumerate(bases):
-        for j, layout in enumerate(layouts):
-            ax = axes[i][j]
-            for k, dtype in enumerate(dtypes):
-                vals = {s["layer"]: s["fwd_bwd"] for s in spd
-                        if s["baseline"] == base and s["layout"] == layout and s["dtype"] == dtype}
-                xs = [n + (k - (len(dtypes) - 1) / 2) * width for n in range(len(layers))]
-                ax.bar(xs, [vals.get(layer, 0.0) for layer in layers], width, label=dtype)
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xticks(range(len(layers)), layers)
-            ax.set_ylabel("speedup (x)")
-            ax.set_title(f"fused vs {base}, fwd+bwd, {layout}")
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}", flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -750,17 +570,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records: list[Record] = []
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        recs = run_case(case, impls, lip_cuda, device, cfg, rotate_bytes, copy_gbps, args.seed + i)
+        recs = run_case(case, impls, lip_cuda, device, cfg, rotate_bytes, copy_gbps, args.seed + i, args.retries)
         records += recs
         print(progress_line(i, len(cases), case, recs, time.perf_counter() - t0), file=sys.stderr, flush=True)
 
     meta["cpu_contention"] = contention.report()
-    print(report_text(meta, records, device), flush=True)
+    doc = results_doc(meta, records)
+    print(report.report_text(doc), flush=True)
     if args.json:
-        write_json(args.json, meta, records)
+        write_json(args.json, doc)
         print(f"wrote {args.json}", flush=True)
     if args.plot:
-        write_plot(args.plot, records)
+        report.write_plot(args.plot, doc)
     return 1 if any(r.error for r in records) else 0
 
 

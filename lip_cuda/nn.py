@@ -26,6 +26,8 @@ a whole network with :func:`set_lip_backend`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional, Sequence, Union
+
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +43,8 @@ __all__ = [
     "set_lip_backend",
     "lip_logit_convs",
 ]
+
+_IntPair = Union[int, Sequence[int]]
 
 #: Width of the shared trunk of the Bottleneck logit module ("Bottleneck-128").
 DEFAULT_BOTTLENECK_WIDTH = 128
@@ -76,49 +80,85 @@ class SoftGate(nn.Module):
 
 
 class LIP2d(nn.Module):
-    """Parameter-free LIP pooling of ``x`` with given logits.
+    """Parameter-free LIP pooling of ``x`` with given logits; a drop-in for ``nn.AvgPool2d``.
 
     ``y = avg_pool2d(x * exp(logit)) / avg_pool2d(exp(logit))`` over each
-    ``kernel_size`` window, i.e. a softmax-weighted average per window. Padded
-    positions carry no weight, so with constant logits this is
-    ``avg_pool2d(..., count_include_pad=False)``.
+    ``kernel_size`` window, i.e. a softmax-weighted average per window.
+    Arguments and defaults are ``nn.AvgPool2d``'s (``stride`` defaults to
+    ``kernel_size``, ``padding`` to 0), so swapping one for the other changes
+    only the weighting. Padded positions carry no weight: with constant
+    logits this is ``avg_pool2d(..., count_include_pad=False)``; the
+    ``count_include_pad`` and ``divisor_override`` arguments are accepted for
+    compatibility and change nothing, since they cancel in the ratio.
+
+    The paper's modules pool with ``LIP2d(3, 2, 1)`` (3x3 windows, stride 2,
+    padding 1), which halves ``H`` and ``W`` (rounding up).
 
     Args:
-        kernel_size, stride, padding, ceil_mode: as in ``nn.AvgPool2d``.
+        kernel_size: window size, int or ``(kH, kW)``.
+        stride: window step, int or pair; ``None`` (default) means ``kernel_size``.
+        padding: implicit padding on both sides, at most ``kernel_size // 2``.
+        ceil_mode: round the output size up instead of down, as ``avg_pool2d``.
+        count_include_pad, divisor_override: accepted, no effect (see above).
         use_reference: run the unfused PyTorch formulation instead of the
             fused op (same result, more memory, overflows for large logits).
 
     Shape:
-        x, logit: ``(N, C, H, W)``, same shape; differing floating dtypes
-        are promoted, as in the paper's formula.
-        output: ``(N, C, H_out, W_out)`` with ``H_out`` as for ``avg_pool2d``.
+        x, logit: ``(N, C, H, W)``, same shape.
+        output: ``(N, C, H_out, W_out)``, ``nn.AvgPool2d``'s output shape.
 
     Example::
 
-        >>> pool = LIP2d()                      # 3x3 window, stride 2, pad 1
+        >>> pool = LIP2d(3, 2, 1)               # the paper's 3x3, stride 2, pad 1
         >>> x = torch.randn(2, 8, 32, 32)
         >>> pool(x, torch.randn_like(x)).shape
         torch.Size([2, 8, 16, 16])
+        >>> LIP2d(2)                             # like nn.AvgPool2d(2)
+        LIP2d(kernel_size=2, stride=2, padding=0)
     """
 
     def __init__(
         self,
-        kernel_size: int = 3,
-        stride: int = 2,
-        padding: int = 1,
+        kernel_size: _IntPair,
+        stride: Optional[_IntPair] = None,
+        padding: _IntPair = 0,
         ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: Optional[int] = None,
+        *,
         use_reference: bool = False,
     ) -> None:
         super().__init__()
         self.kernel_size = kernel_size
-        self.stride = stride
+        self.stride = stride if (stride is not None) else kernel_size
         self.padding = padding
         self.ceil_mode = ceil_mode
+        self.count_include_pad = count_include_pad
+        self.divisor_override = divisor_override
         self.use_reference = use_reference
 
     def forward(self, x: Tensor, logit: Tensor) -> Tensor:
-        # Mixed dtypes (e.g. under autocast) are promoted by both ops, as the
-        # paper's formula ``x * exp(logit)`` would.
+        """Pool ``x`` with weights ``exp(logit)`` over each window.
+
+        Args:
+            x: ``(N, C, H, W)`` features (float16, bfloat16, float32 or float64).
+            logit: ``(N, C, H, W)`` importance logits, any finite values; a
+                different floating dtype is promoted with ``x``'s.
+
+        Returns:
+            ``(N, C, H_out, W_out)``: per window, ``sum(x * exp(logit)) /
+            sum(exp(logit))`` over the window clipped to the input, computed
+            relative to the window's largest logit so it never overflows (with
+            ``use_reference=True``, the plain formula, which can). Differentiable
+            in both ``x`` and ``logit``.
+
+        Example::
+
+            >>> pool = LIP2d(2)
+            >>> x = torch.randn(1, 3, 4, 4)
+            >>> torch.allclose(pool(x, torch.zeros_like(x)), nn.functional.avg_pool2d(x, 2), atol=1e-6)
+            True
+        """
         op = lip2d_reference if self.use_reference else lip2d
         return op(x, logit, self.kernel_size, self.stride, self.padding, self.ceil_mode)
 

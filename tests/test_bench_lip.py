@@ -1,10 +1,12 @@
-"""Smoke tests for benchmarks/bench_lip.py.
+"""Smoke tests for benchmarks/bench_lip.py (measuring) and benchmarks/report.py (reporting).
 
 The CPU test runs the real command line on the tiny smoke-test shape for all
 three dtypes and both layouts (a few seconds) and checks that the printed
-table and the JSON carry every field the benchmark promises, and that they
-agree with each other. The CUDA tests (skipped without a GPU) do the same on
-the GPU, where bandwidth, copy bandwidth and peak memory must be present.
+table and the JSON carry every field the benchmark promises, that they agree
+with each other, and that report.py prints the same table from the JSON.
+The CUDA tests (skipped without a GPU) do the same on the GPU, where
+bandwidth, copy bandwidth and peak memory must be present. The rest checks
+the reliability marks and the re-measuring on synthetic timings.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -25,22 +28,25 @@ SCRIPT = REPO / "benchmarks" / "bench_lip.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
 import bench_lip  # noqa: E402
-from timing import TimingConfig, measure, time_calls_ms  # noqa: E402
+import report  # noqa: E402
+from timing import Measurement, TimingConfig, measure, time_calls_ms  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("contiguous", "channels_last")
-TOP_LEVEL = ("device", "torch", "cuda", "commit", "copy_gbps", "num_threads", "results")
+TOP_LEVEL = ("device", "device_type", "torch", "cuda", "commit", "copy_gbps", "num_threads", "batch", "kernels",
+             "results", "speedups")
 RECORD_FIELDS = ("layer", "shape", "dtype", "layout", "impl", "forward_ms", "backward_ms",
-                 "fwd_bwd_ms", "fwd_bwd_gbps", "extra_peak_bytes", "finite")
+                 "fwd_bwd_ms", "fwd_bwd_gbps", "extra_peak_bytes", "finite", "attempts", "unreliable")
 TIME_FIELDS = ("forward_ms", "backward_ms", "fwd_bwd_ms")
 TINY_ARGS = ["--shapes", "tiny", "--batch", "2", "--dtypes", ",".join(DTYPES), "--layouts", ",".join(LAYOUTS),
              "--warmup", "1", "--min-reps", "2", "--max-reps", "3", "--budget-ms", "1", "--rotate-mib", "0.01"]
 
 
-def run_bench(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+def run_bench(tmp_path: Path, *extra: str, env: Optional[dict] = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), *TINY_ARGS, *extra, "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, f"bench_lip failed:\nSTDOUT\n{proc.stdout}\nSTDERR\n{proc.stderr}"
     return proc, json.loads(out.read_text())
 
@@ -90,18 +96,20 @@ def check_common(proc: subprocess.CompletedProcess, doc: dict[str, Any], impls: 
     assert len(rows) == len(results)
     by_key = {(r["dtype"], r["layout"], r["impl"]): r for r in results}
     for row in rows:
-        layer, shape, dtype, layout, impl, fwd, bwd, fb, noise, gbps, pct, extra, output, *spd = row
+        layer, shape, dtype, layout, impl, fwd, bwd, fb, noise, timing, gbps, pct, extra, output, *spd = row
         rec = by_key[(dtype, layout, impl)]
         assert (layer, shape) == ("tiny", "x".join(map(str, rec["shape"])))
         for cell, key in ((fwd, "forward_ms"), (bwd, "backward_ms"), (fb, "fwd_bwd_ms")):
             assert cell == f"{rec[key]:.3f}", (row, rec)
         assert float(noise) >= 0, row
+        assert timing == (",".join(rec["unreliable"]) or "ok"), (row, rec)
+        assert rec["unreliable"] == report.unreliable_reasons(rec) and rec["attempts"] >= 1
         assert output == ("ok" if rec["finite"] else bench_lip.NAN_MARK), (row, rec)
         if impl == "fused":
             assert spd == [], row
         else:
-            assert len(spd) == 3 and all(s.endswith("x") and float(s[:-1]) > 0 for s in spd), row
-            assert float(spd[2][:-1]) == pytest.approx(rec["fwd_bwd_ms"] / by_key[(dtype, layout, "fused")]
+            assert len(spd) == 3 and all(s.rstrip("?").endswith("x") and float(s.rstrip("?x")) > 0 for s in spd), row
+            assert float(spd[2].rstrip("?x")) == pytest.approx(rec["fwd_bwd_ms"] / by_key[(dtype, layout, "fused")]
                                                        ["fwd_bwd_ms"], rel=0.01, abs=0.006)
 
     # float16 reference with logits in [0, 12] overflows (exp(12) > 65504): it must be flagged, not hidden.
@@ -111,15 +119,25 @@ def check_common(proc: subprocess.CompletedProcess, doc: dict[str, Any], impls: 
 
 
 def test_cpu_table_and_json(tmp_path: Path) -> None:
-    proc, doc = run_bench(tmp_path, "--device", "cpu", "--threads", "1")
+    proc, doc = run_bench(tmp_path, "--device", "cpu", "--threads", "1", env={"LIP_CUDA_KERNELS": "variant-x"})
     check_common(proc, doc, impls=("fused", "reference"))
     assert doc["copy_gbps"] is None and doc["cuda"] == torch.version.cuda and doc["num_threads"] == 1
+    assert doc["device_type"] == "cpu" and doc["batch"] == 2 and doc["kernels"] == "variant-x"
     for r in doc["results"]:
         assert r["fwd_bwd_gbps"] is None and r["extra_peak_bytes"] is None, r
     for row in table_rows(proc.stdout):
-        assert row[9:12] == ["n/a", "n/a", "n/a"], row
+        assert row[10:13] == ["n/a", "n/a", "n/a"], row
     assert "n/a on CPU" in proc.stdout
-    assert "threads 1" in proc.stdout
+    assert "threads 1" in proc.stdout and "kernels variant-x" in proc.stdout
+
+    # report.py prints the same table from the JSON alone.
+    path = tmp_path / "bench.json"
+    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(path)],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0, again.stderr
+    assert table_rows(again.stdout) == table_rows(proc.stdout)
+    assert [l for l in again.stdout.splitlines() if l.startswith("fused vs")] == \
+        [l for l in proc.stdout.splitlines() if l.startswith("fused vs")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -130,7 +148,7 @@ def test_cuda_table_and_json(tmp_path: Path) -> None:
     for r in doc["results"]:
         assert r["fwd_bwd_gbps"] > 0 and r["extra_peak_bytes"] > 0, r
     for row in table_rows(proc.stdout):
-        assert float(row[9]) > 0 and float(row[10]) >= 0 and float(row[11]) >= 0, row
+        assert float(row[10]) > 0 and float(row[11]) >= 0 and float(row[12]) >= 0, row
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -179,3 +197,84 @@ def test_timing_rotates_and_counts() -> None:
     assert calls == [0, 1, 2, 0, 1, 2, 0]
     m = measure(fns, torch.device("cpu"), TimingConfig(warmup=2, min_reps=4, max_reps=5, budget_ms=1e9))
     assert m.reps == 5 and m.median_ms >= 0
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def fake_row(impl: str, fwd: float, bwd: float, fb: float, spread: float = 0.02, layer: str = "s3a",
+             dtype: str = "float32") -> dict[str, Any]:
+    p = [fb * (1 - spread), fb * (1 + spread)]
+    return {"layer": layer, "shape": [2, 8, 16, 16], "dtype": dtype, "layout": "contiguous", "impl": impl,
+            "forward_ms": fwd, "backward_ms": bwd, "fwd_bwd_ms": fb, "finite": True, "error": None,
+            "p20_p80_ms": {"forward": [fwd, fwd], "backward": [bwd, bwd], "fwd_bwd": p}}
+
+
+def test_unreliable_rows_are_marked_and_left_out_of_the_summary() -> None:
+    import random
+
+    f = random.uniform(1, 3)
+    rows = [fake_row("fused", f, 2 * f, 3 * f, layer="a"), fake_row("reference", 2 * f, 4 * f, 6 * f, layer="a"),
+            fake_row("fused", f, 2 * f, 3 * f, layer="b"),
+            fake_row("reference", 2 * f, 4 * f, 60 * f, layer="b"),           # fwd+bwd 10x fwd + bwd
+            fake_row("fused", f, 2 * f, 3 * f, layer="c"),
+            fake_row("reference", 2 * f, 4 * f, 6 * f, spread=0.4, layer="c")]  # +-40%
+    assert report.unreliable_reasons(rows[0]) == []
+    assert report.unreliable_reasons(rows[3]) == ["f+b!=f,b"]
+    assert report.unreliable_reasons(rows[5]) == ["noisy"]
+    doc = {"device": "test", "device_type": "cpu", "torch": "x", "cuda": None, "commit": None, "num_threads": 1,
+           "timing": "synthetic", "copy_gbps": None, "results": rows}
+    text = report.report_text(doc)
+    (line,) = [l for l in text.splitlines() if l.startswith("fused vs reference float32")]
+    assert "geomean 2.00x" in line and "over 1/3 layers" in line
+    assert "unreliable, left out: b (20.00x), c (2.00x)" in line
+    cells = {r[0]: r for r in (l.split() for l in text.splitlines()) if r and r[0] in "abc" and r[4] == "reference"}
+    assert cells["a"][-1] == "2.00x" and cells["b"][-1] == "20.00x?" and cells["c"][-1] == "2.00x?"
+    assert cells["b"][9] == "f+b!=f,b" and cells["c"][9] == "noisy"
+
+
+def test_unreliable_rows_are_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Timings that disagree (fwd+bwd 5x fwd + bwd) on the first attempt and agree on the second.
+    def m(ms: float) -> Measurement:
+        return Measurement(ms, 5, 0.99 * ms, 1.01 * ms)
+
+    attempts = iter([(m(1), m(2), m(15)), (m(1), m(2), m(3.1)), (m(9), m(9), m(99))])
+    current: dict[str, Measurement] = {}
+
+    def timer(key: str):
+        def fn(*args: Any) -> Measurement:
+            if key == "forward":
+                current.update(zip(("forward", "backward", "fwd_bwd"), next(attempts)))
+            return current[key]
+        return fn
+
+    monkeypatch.setattr(bench_lip, "time_forward", timer("forward"))
+    monkeypatch.setattr(bench_lip, "time_backward", timer("backward"))
+    monkeypatch.setattr(bench_lip, "time_forward_backward", timer("fwd_bwd"))
+    case = bench_lip.Case("tiny", (1, 2, 5, 5), "float32", "contiguous")
+    sets = [bench_lip.make_input_set(case, torch.device("cpu"))]
+    rec = bench_lip.measure_impl(case, "reference", bench_lip.import_lip_cuda().lip2d_reference, sets, torch.device("cpu"),
+                                 TimingConfig(1, 1, 1, 1.0), None, retries=2)
+    assert rec.attempts == 2 and rec.unreliable == [] and rec.fwd_bwd_ms == 3.1
+
+    attempts = iter([(m(1), m(2), m(15)), (m(1), m(2), m(30)), (m(1), m(2), m(12))])
+    rec = bench_lip.measure_impl(case, "reference", bench_lip.import_lip_cuda().lip2d_reference, sets, torch.device("cpu"),
+                                 TimingConfig(1, 1, 1, 1.0), None, retries=2)
+    # Never consistent: the least bad attempt is kept, and marked.
+    assert rec.attempts == 3 and rec.unreliable == ["f+b!=f,b"] and rec.fwd_bwd_ms == 12
+
+
+def test_plot_from_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    for name in ("cpu_xeon.json", "train_cpu.json"):
+        out = tmp_path / name.replace(".json", ".png")
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"),
+                               str(REPO / "benchmarks" / "results" / name), "--plot", str(out)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_committed_results_have_their_plots() -> None:
+    for path in (REPO / "benchmarks" / "results").glob("*.json"):
+        assert path.with_suffix(".png").exists(), f"no plot for {path.name}: python benchmarks/report.py {path} --plot ..."

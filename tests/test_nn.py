@@ -89,7 +89,7 @@ def test_lip2d_module_gradients_match_reference(seed) -> None:
     g = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     grads = []
     for use_ref in (False, True):
-        y = LIP2d(use_reference=use_ref)(x, logit)
+        y = LIP2d(3, 2, 1, use_reference=use_ref)(x, logit)
         grads.append(torch.autograd.grad(y, (x, logit), g))
     for a, b in zip(*grads):
         assert a.abs().max() > 0
@@ -100,7 +100,7 @@ def test_lip2d_mixed_dtypes_promote_like_the_formula(seed) -> None:
     x = torch.randn(2, 3, 8, 8)
     logit = 4 * torch.randn(2, 3, 8, 8, dtype=torch.float64)
     for use_ref in (False, True):
-        y = LIP2d(use_reference=use_ref)(x, logit)
+        y = LIP2d(3, 2, 1, use_reference=use_ref)(x, logit)
         assert y.dtype == torch.float64
         torch.testing.assert_close(y, _formula(x.double(), logit))
 
@@ -116,7 +116,62 @@ def test_lip2d_repr_and_backend_switch() -> None:
 
 
 def test_lip2d_has_no_parameters() -> None:
-    assert list(LIP2d().parameters()) == [] and LIP2d().state_dict() == {}
+    assert list(LIP2d(3, 2, 1).parameters()) == [] and LIP2d(2).state_dict() == {}
+
+
+def test_lip2d_takes_avgpool2d_arguments_and_defaults() -> None:
+    import inspect
+
+    want = inspect.signature(torch.nn.AvgPool2d.__init__).parameters
+    got = inspect.signature(LIP2d.__init__).parameters
+    assert list(got)[: len(want)] == list(want)
+    for name, param in want.items():
+        assert got[name].default == param.default, name
+    assert got["use_reference"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        LIP2d()  # kernel_size is required, as in AvgPool2d
+    for args in [(2,), (3, 2, 1), (3, None, 1), ((2, 3), (1, 2), (1, 0))]:
+        assert repr(LIP2d(*args)) == repr(torch.nn.AvgPool2d(*args)).replace("AvgPool2d", "LIP2d"), args
+    assert LIP2d(4).stride == 4 and LIP2d(4).padding == 0 and not LIP2d(4).ceil_mode
+
+
+def test_lip2d_forward_is_documented() -> None:
+    doc = LIP2d.forward.__doc__ or ""
+    assert "logit" in doc and "Returns" in doc and "(N, C, H_out, W_out)" in doc
+
+
+GEOMETRIES = [  # (kernel_size, stride, padding, ceil_mode, (H, W))
+    (2, None, 0, False, (15, 15)),
+    (3, None, 1, False, (16, 13)),
+    (3, 2, 1, False, (15, 15)),
+    (3, 2, 1, True, (14, 9)),
+    (3, 2, 0, True, (10, 11)),
+    ((2, 3), (1, 2), (1, 0), False, (7, 12)),
+    (5, 3, 2, True, (11, 13)),
+    (4, 1, 2, False, (6, 5)),
+    (1, 1, 0, False, (5, 4)),
+]
+
+
+@pytest.mark.parametrize("k,s,p,ceil_mode,hw", GEOMETRIES)
+def test_lip2d_output_shape_is_avgpool2d_shape(k, s, p, ceil_mode, hw, seed) -> None:
+    x = torch.randn(2, 3, *hw)
+    logit = 4 * torch.randn(2, 3, *hw)
+    want = torch.nn.AvgPool2d(k, s, p, ceil_mode)(x).shape
+    for use_ref in (False, True):
+        assert LIP2d(k, s, p, ceil_mode, use_reference=use_ref)(x, logit).shape == want
+
+
+@pytest.mark.parametrize("k,s,p,ceil_mode,hw", GEOMETRIES)
+def test_lip2d_with_constant_logits_is_average_pooling(k, s, p, ceil_mode, hw, seed) -> None:
+    x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    logit = torch.full_like(x, float(torch.empty(()).uniform_(-20, 20)))
+    y = LIP2d(k, s, p, ceil_mode)(x, logit)
+    # Padded positions carry no weight: count_include_pad=False, and where no
+    # padding is involved plain AvgPool2d (which then equals it).
+    torch.testing.assert_close(y, torch.nn.AvgPool2d(k, s, p, ceil_mode, count_include_pad=False)(x))
+    if p == 0 and not ceil_mode:
+        torch.testing.assert_close(y, torch.nn.AvgPool2d(k, s, p)(x))
 
 
 # ---------------------------------------------------------------- SimplifiedLIP

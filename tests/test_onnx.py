@@ -1,0 +1,156 @@
+"""ONNX export of lip2d (lip_cuda/onnx.py): export, run in ONNX Runtime, compare with lip2d.
+
+Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime); CI installs it.
+Export runs on the CPU (the translation is device-independent).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import lip_cuda  # noqa: E402
+import lip_cuda.onnx as lip_onnx  # noqa: E402
+from lip_cuda.nn import SimplifiedLIP  # noqa: E402
+
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+class Pool(torch.nn.Module):
+    def __init__(self, *pool_args) -> None:
+        super().__init__()
+        self.pool_args = pool_args
+
+    def forward(self, x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        return lip_cuda.lip2d(x, logit, *self.pool_args)
+
+
+class RawOp(torch.nn.Module):
+    """All outputs of the operator, to check the auxiliary ones too."""
+
+    def forward(self, x: torch.Tensor, logit: torch.Tensor):
+        return torch.ops.lip_cuda.lip2d_forward(x, logit, [3, 3], [2, 2], [1, 1], True)
+
+
+def run_onnx(model_proto, *inputs: torch.Tensor):
+    for node in model_proto.graph.node:
+        assert node.domain in STANDARD_DOMAINS, f"non-standard op {node.domain}::{node.op_type}"
+    assert not model_proto.functions, "the graph must not need custom functions"
+    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return [torch.from_numpy(a) for a in sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+
+
+def float64_oracle(x: torch.Tensor, logit: torch.Tensor, k, s, p, ceil_mode) -> torch.Tensor:
+    """Softmax over each window of the unpadded input, in float64 (independent of both)."""
+    x, logit = x.double(), logit.double()
+    pool = torch.nn.functional.max_pool2d(logit, k, s, p, ceil_mode=ceil_mode)  # output shape
+    oh, ow = pool.shape[-2:]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (kh, kw) if s is None else ((s, s) if isinstance(s, int) else s)
+    ph, pw = (p, p) if isinstance(p, int) else p
+    out = torch.empty(*x.shape[:2], oh, ow, dtype=torch.float64)
+    H, W = x.shape[-2:]
+    for i in range(oh):
+        for j in range(ow):
+            h0, w0 = i * sh - ph, j * sw - pw
+            hs, ws = slice(max(h0, 0), min(h0 + kh, H)), slice(max(w0, 0), min(w0 + kw, W))
+            lw, xw = logit[..., hs, ws].flatten(2), x[..., hs, ws].flatten(2)
+            out[..., i, j] = (torch.softmax(lw, -1) * xw).sum(-1)
+    return out
+
+
+GEOMETRIES = [  # kernel_size, stride, padding, ceil_mode, (H, W)
+    (3, 2, 1, False, (9, 8)),
+    (3, 2, 1, True, (10, 7)),
+    (2, None, 0, False, (7, 7)),
+    (5, 3, 2, True, (11, 13)),
+    ((3, 2), (2, 1), (1, 0), True, (8, 6)),
+]
+
+
+@pytest.mark.parametrize("k,s,p,ceil_mode,hw", GEOMETRIES)
+def test_export_matches_lip2d(k, s, p, ceil_mode, hw, seed) -> None:
+    x = torch.randn(2, 3, *hw)
+    logit = 12 * torch.sigmoid(torch.randn(2, 3, *hw))
+    program = lip_onnx.export(Pool(k, s, p, ceil_mode).eval(), (x, logit))
+    (y,) = run_onnx(program.model_proto, x, logit)
+    want = lip_cuda.lip2d(x, logit, k, s, p, ceil_mode)
+    assert y.shape == want.shape
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), float64_oracle(x, logit, k, s, p, ceil_mode), rtol=1e-5, atol=1e-6)
+
+
+def test_large_logits_stay_finite(seed) -> None:
+    # Logits up to 200: exp(200) overflows float32, so the paper's formula
+    # gives inf/inf = NaN; windows whose logits are ~150 apart also test that
+    # nothing underflows to 0/0.
+    x = torch.randn(2, 4, 11, 10)
+    logit = 200 * torch.rand(2, 4, 11, 10)
+    logit[:, :2] -= 150 * (torch.rand(2, 2, 11, 10) > 0.5)
+    assert not torch.isfinite(lip_cuda.lip2d_reference(x, logit)).all()
+    program = lip_onnx.export(Pool(3, 2, 1, True).eval(), (x, logit))
+    (y,) = run_onnx(program.model_proto, x, logit)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, lip_cuda.lip2d(x, logit, 3, 2, 1, True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), float64_oracle(x, logit, 3, 2, 1, True), rtol=1e-5, atol=1e-6)
+
+
+def test_auxiliary_outputs_match_the_operator(seed) -> None:
+    x, logit = torch.randn(1, 3, 9, 10), 30 * torch.randn(1, 3, 9, 10)
+    program = lip_onnx.export(RawOp().eval(), (x, logit))
+    got = run_onnx(program.model_proto, x, logit)
+    want = RawOp()(x, logit)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_other_dtypes(dtype, seed) -> None:
+    x = torch.randn(1, 3, 9, 9, dtype=dtype)
+    logit = (12 * torch.rand(1, 3, 9, 9)).to(dtype)  # float16: the reference overflows at 12
+    program = lip_onnx.export(Pool(3, 2, 1).eval(), (x, logit))
+    (y,) = run_onnx(program.model_proto, x, logit)
+    assert y.dtype == dtype
+    tol = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float16 else {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(y, lip_cuda.lip2d(x, logit), **tol)
+
+
+def test_dynamic_shapes(seed) -> None:
+    x, logit = torch.randn(2, 3, 12, 10), torch.randn(2, 3, 12, 10)
+    n, h, w = (torch.export.Dim(name, min=2, max=64) for name in ("n", "h", "w"))
+    dims = {0: n, 2: h, 3: w}
+    program = lip_onnx.export(Pool(3, 2, 1, True).eval(), (x, logit), dynamic_shapes=({**dims}, {**dims}))
+    for shape in [(2, 3, 12, 10), (3, 3, 17, 9), (4, 3, 8, 21)]:
+        x, logit = torch.randn(shape), 5 * torch.randn(shape)
+        (y,) = run_onnx(program.model_proto, x, logit)
+        torch.testing.assert_close(y, lip_cuda.lip2d(x, logit, 3, 2, 1, True), rtol=1e-5, atol=1e-6)
+
+
+def test_plain_torch_onnx_export_after_import(tmp_path: Path, seed) -> None:
+    # lip_cuda.onnx registers its translation on import, so the plain call works too.
+    assert lip_onnx.REGISTERED
+    model = SimplifiedLIP(4).eval()
+    with torch.no_grad():
+        model.logit.conv.weight.normal_(0, 0.5)  # non-constant logits (the conv starts at zero)
+    x = torch.randn(1, 4, 15, 14)
+    path = tmp_path / "lip.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    (y,) = run_onnx(onnx.load(str(path)), x)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    assert math.isfinite(float(y.abs().sum()))
+
+
+def test_translation_table_is_public() -> None:
+    table = lip_onnx.custom_translation_table()
+    assert table == {torch.ops.lip_cuda.lip2d_forward.default: lip_onnx.lip2d_forward_onnx}
