@@ -78,4 +78,6 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # The detection backbones/detectors (lip_cuda.detection) build on torchvision.
+    extras_require={"detection": ["torchvision"]},
 )

@@ -175,8 +175,8 @@ def fasterrcnn_lip_resnet50_fpn(
 
     Example::
 
-        >>> model = fasterrcnn_lip_resnet50_fpn(num_classes=3, min_size=96, max_size=128).eval()
-        >>> out = model([torch.rand(3, 96, 128)])
+        >>> model = fasterrcnn_lip_resnet50_fpn(num_classes=3, min_size=64, max_size=96).eval()
+        >>> out = model([torch.rand(3, 64, 96)])
         >>> sorted(out[0])
         ['boxes', 'labels', 'scores']
     """
@@ -203,8 +203,8 @@ def retinanet_lip_resnet50_fpn(
 
     Example::
 
-        >>> model = retinanet_lip_resnet50_fpn(num_classes=3, min_size=96, max_size=128).eval()
-        >>> out = model([torch.rand(3, 96, 128)])
+        >>> model = retinanet_lip_resnet50_fpn(num_classes=3, min_size=64, max_size=96).eval()
+        >>> out = model([torch.rand(3, 64, 96)])
         >>> sorted(out[0])
         ['boxes', 'labels', 'scores']
     """
