@@ -13,6 +13,13 @@ Names, shapes and initialisation follow the authors' ``imagenet/lip_resnet.py``
 ``load_state_dict(strict=True)`` (see :func:`convert_reference_state_dict`).
 With 1000 classes LIP-ResNet-50 has 23,864,232 parameters, -101 42,856,360,
 -152 58,500,008.
+
+This module also re-exports LIP-DenseNet-BC (:class:`LIPDenseNet`,
+``lip_densenet121`` / ``169`` / ``201`` / ``161``, defined in
+``lip_cuda/models_densenet.py``) and the torchvision detection builders
+(:func:`lip_resnet_fpn_backbone`, :func:`fasterrcnn_lip_resnet50_fpn`,
+:func:`retinanet_lip_resnet50_fpn`, defined in ``lip_cuda/detection.py``;
+they need the optional torchvision, imported only when they are called).
 """
 
 from __future__ import annotations

@@ -119,6 +119,10 @@ def test_backbone_features(tv, seed) -> None:
     assert isinstance(backbone.body.bn1, tv.ops.FrozenBatchNorm2d)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
     assert sum(isinstance(m, BottleneckLIP) for m in backbone.modules()) == 6
+    # A frozen BN cannot learn its way out of a zero: the residual branches
+    # keep their norm's initial weight of one instead of the zero init.
+    blocks = [m for m in backbone.modules() if isinstance(m, LIPBottleneck)]
+    assert len(blocks) == 16 and all(torch.equal(b.bn3.weight, torch.ones_like(b.bn3.weight)) for b in blocks)
     with torch.no_grad():
         feats = backbone(torch.randn(2, 3, 64, 96))
     assert list(feats) == ["0", "1", "2", "3", "pool"]
