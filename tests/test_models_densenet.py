@@ -216,6 +216,41 @@ def test_transition_lip_fused_matches_reference_with_grads(seed) -> None:
         torch.testing.assert_close(a, b)
 
 
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_transition_geometry_op_every_dtype_and_layout(dtype, layout, seed) -> None:
+    """The op as the transitions call it (2x2, stride 2, no padding), odd
+    sizes included, against the formula in float64 on the same rounded
+    inputs: values and both gradients."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x64 = torch.randn(2, 24, 11, 14, dtype=torch.float64)
+    logit64 = 12 * torch.rand(2, 24, 11, 14, dtype=torch.float64)  # the gate's range
+    x = x64.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    logit = logit64.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    y = LIP2d(kernel_size=2, stride=2, padding=0)(x, logit)
+    assert y.shape == (2, 24, 5, 7) and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(g.to(dtype))
+
+    xr = x.detach().double().requires_grad_()
+    lr = logit.detach().double().requires_grad_()
+    want = _formula(xr, lr, 2, 2, 0)
+    want.backward(g.to(dtype).double())
+    torch.testing.assert_close(y.double(), want, **TOL[dtype])
+    torch.testing.assert_close(x.grad.double(), xr.grad, **TOL[dtype])
+    torch.testing.assert_close(logit.grad.double(), lr.grad, **TOL[dtype])
+    # The last row and column of the odd-sized input are outside every window.
+    assert x.grad[..., 10, :].abs().max() == 0 and x.grad[..., :10, :].abs().max() > 0
+
+
 # ------------------------------------------------------------ whole network
 
 
