@@ -17,7 +17,8 @@ three logit modules LIP-ResNet uses:
 
 Submodule and parameter names follow the authors' implementation
 (github.com/sebgao/LIP, ``imagenet/lip_resnet.py`` and
-``imagenet/lip_densenet.py``) so that its published checkpoints load with ``load_state_dict(strict=True)``.
+``imagenet/lip_densenet.py``) so that its published checkpoints load with
+``load_state_dict(strict=True)``.
 
 Every LIP module takes ``use_reference``: ``False`` runs the fused, overflow-safe
 op (:func:`lip_cuda.functional.lip2d`), ``True`` runs the plain PyTorch
