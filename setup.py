@@ -25,6 +25,8 @@ EXTRAS = {
     "plot": ["matplotlib"],
     "onnx": ["onnx", "onnxscript", "onnxruntime"],
     "test": ["pytest", "numpy"],
+    # the detection backbones and detectors (lip_cuda.detection) build on torchvision
+    "detection": ["torchvision"],
 }
 
 

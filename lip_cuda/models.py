@@ -13,17 +13,28 @@ Names, shapes and initialisation follow the authors' ``imagenet/lip_resnet.py``
 ``load_state_dict(strict=True)`` (see :func:`convert_reference_state_dict`).
 With 1000 classes LIP-ResNet-50 has 23,864,232 parameters, -101 42,856,360,
 -152 58,500,008.
+
+This module also re-exports LIP-DenseNet-BC (:class:`LIPDenseNet`,
+``lip_densenet121`` / ``169`` / ``201`` / ``161``, defined in
+``lip_cuda/models_densenet.py``) and the torchvision detection builders
+(:func:`lip_resnet_fpn_backbone`, :func:`fasterrcnn_lip_resnet50_fpn`,
+:func:`retinanet_lip_resnet50_fpn`, defined in ``lip_cuda/detection.py``;
+they need the optional torchvision, imported only when they are called).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .nn import DEFAULT_BOTTLENECK_WIDTH, BottleneckLIP, BottleneckShared, SimplifiedLIP
+
+#: Builds the norm layer after each conv from its channel count
+#: (``nn.BatchNorm2d`` by default; detection backbones use a frozen BN).
+NormLayer = Callable[[int], nn.Module]
 
 __all__ = [
     "LIPBottleneck",
@@ -33,6 +44,16 @@ __all__ = [
     "lip_resnet101",
     "lip_resnet152",
     "convert_reference_state_dict",
+    # LIP-DenseNet-BC (lip_cuda/models_densenet.py)
+    "LIPDenseNet",
+    "lip_densenet121",
+    "lip_densenet169",
+    "lip_densenet201",
+    "lip_densenet161",
+    # detection backbones on torchvision (lip_cuda/detection.py)
+    "lip_resnet_fpn_backbone",
+    "fasterrcnn_lip_resnet50_fpn",
+    "retinanet_lip_resnet50_fpn",
 ]
 
 
@@ -77,11 +98,13 @@ class LIPDownsample(nn.Module):
         out_planes: int,
         width: int = DEFAULT_BOTTLENECK_WIDTH,
         use_reference: bool = False,
+        norm_layer: Optional[NormLayer] = None,
     ) -> None:
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         self.lip = BottleneckLIP(in_planes, width, use_reference=use_reference)
         self.conv = _conv1x1(in_planes, out_planes)
-        self.bn = nn.BatchNorm2d(out_planes)
+        self.bn = norm_layer(out_planes)
 
     def forward(self, x: Tensor, shared: Tensor) -> Tensor:
         return self.bn(self.conv(self.lip(x, shared)))
@@ -104,6 +127,7 @@ class LIPBottleneck(nn.Module):
             ``stride=2`` it must be a :class:`LIPDownsample`.
         width: width of the shared LIP trunk.
         use_reference: run LIP with the unfused reference op.
+        norm_layer: norm after each conv (default ``nn.BatchNorm2d``).
 
     Shape:
         ``(N, inplanes, H, W)`` -> ``(N, 4 * planes, H', W')`` with
@@ -126,8 +150,10 @@ class LIPBottleneck(nn.Module):
         downsample: Optional[nn.Module] = None,
         width: int = DEFAULT_BOTTLENECK_WIDTH,
         use_reference: bool = False,
+        norm_layer: Optional[NormLayer] = None,
     ) -> None:
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         if stride not in (1, 2):
             raise ValueError(f"LIPBottleneck supports stride 1 or 2, got {stride}")
         if stride == 2 and not isinstance(downsample, LIPDownsample):
@@ -137,7 +163,7 @@ class LIPBottleneck(nn.Module):
             # Registered first to match the reference's parameter order.
             self.bottleneck_shared = BottleneckShared(inplanes, width)
         self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         if stride == 2:
             self.conv2: nn.Module = _LIPConv(
                 BottleneckLIP(planes, width, use_reference=use_reference),
@@ -145,9 +171,9 @@ class LIPBottleneck(nn.Module):
             )
         else:
             self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -175,6 +201,10 @@ class LIPResNet(nn.Module):
         num_classes: size of the ``fc`` output.
         width: width of the shared LIP trunks (paper: 128).
         use_reference: run every LIP with the unfused reference op.
+        norm_layer: the norm after every conv outside the LIP logit modules
+            (default ``nn.BatchNorm2d``; detectors pass torchvision's
+            ``FrozenBatchNorm2d``, see :func:`lip_resnet_fpn_backbone`). The
+            logit modules keep their InstanceNorms.
 
     Shape:
         ``(N, 3, H, W)`` -> ``(N, num_classes)``. ``H, W >= 64`` in training
@@ -193,15 +223,17 @@ class LIPResNet(nn.Module):
         num_classes: int = 1000,
         width: int = DEFAULT_BOTTLENECK_WIDTH,
         use_reference: bool = False,
+        norm_layer: Optional[NormLayer] = None,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must have 4 entries, got {list(layers)}")
         self._width = width
         self._use_reference = use_reference
+        self._norm_layer = norm_layer or nn.BatchNorm2d
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = self._norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         # Named ``maxpool`` because that is what it replaces (and the
         # reference checkpoints' key).
@@ -219,17 +251,17 @@ class LIPResNet(nn.Module):
         downsample: Optional[nn.Module] = None
         if stride == 2:
             downsample = LIPDownsample(
-                self.inplanes, out_planes, self._width, use_reference=self._use_reference
+                self.inplanes, out_planes, self._width, self._use_reference, self._norm_layer
             )
         elif self.inplanes != out_planes:
             # A Sequential of named children: keys ``downsample.conv`` /
             # ``downsample.bn`` as in the reference (not torchvision's 0/1).
             downsample = nn.Sequential(
                 OrderedDict(
-                    [("conv", _conv1x1(self.inplanes, out_planes)), ("bn", nn.BatchNorm2d(out_planes))]
+                    [("conv", _conv1x1(self.inplanes, out_planes)), ("bn", self._norm_layer(out_planes))]
                 )
             )
-        kw = dict(width=self._width, use_reference=self._use_reference)
+        kw = dict(width=self._width, use_reference=self._use_reference, norm_layer=self._norm_layer)
         blocks_list = [LIPBottleneck(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = out_planes
         blocks_list += [LIPBottleneck(self.inplanes, planes, **kw) for _ in range(1, blocks)]
@@ -239,7 +271,11 @@ class LIPResNet(nn.Module):
         """The reference initialisation: kaiming (fan_out) convs, BN = (1, 0),
         fc ~ N(0, 0.01), then zero the last BN of every block (each residual
         branch starts as identity) and the LIP logit head convs (each LIP
-        starts as average pooling)."""
+        starts as average pooling).
+
+        A norm layer without a learnable ``weight`` (a frozen BN) is left at
+        its own initialisation: zeroed, it could never learn its way back
+        and the block's residual branch would stay dead."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -250,7 +286,8 @@ class LIPResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
         for m in self.modules():
             if isinstance(m, LIPBottleneck):
-                nn.init.zeros_(m.bn3.weight)
+                if isinstance(getattr(m.bn3, "weight", None), nn.Parameter):
+                    nn.init.zeros_(m.bn3.weight)
             elif isinstance(m, (SimplifiedLIP, BottleneckLIP)):
                 m.reset_parameters()
 
@@ -314,3 +351,9 @@ def lip_resnet101(num_classes: int = 1000, use_reference: bool = False, **kw: An
 def lip_resnet152(num_classes: int = 1000, use_reference: bool = False, **kw: Any) -> LIPResNet:
     """LIP-ResNet-152 (stages 3, 8, 36, 3; 58,500,008 parameters at 1000 classes)."""
     return _build((3, 8, 36, 3), num_classes, use_reference, **kw)
+
+
+# Other model families live in their own files; they are imported here, after
+# LIPResNet is defined, because the detection builders are built on it.
+from .models_densenet import LIPDenseNet, lip_densenet121, lip_densenet161, lip_densenet169, lip_densenet201  # noqa: E402
+from .detection import fasterrcnn_lip_resnet50_fpn, lip_resnet_fpn_backbone, retinanet_lip_resnet50_fpn  # noqa: E402

@@ -11,10 +11,14 @@ three logit modules LIP-ResNet uses:
 * :class:`BottleneckShared` + :class:`BottleneckLIP` -- the "Bottleneck-128"
   logit module: one shared trunk computed from a block's input feeds several
   cheap 1x1 heads, one per tensor that the block downsamples.
+* :class:`TransitionLIP` -- the same Bottleneck-128 logit module with its own
+  trunk, on a single input: LIP-DenseNet's transitions pool with it (2x2
+  window, stride 2).
 
 Submodule and parameter names follow the authors' implementation
-(github.com/sebgao/LIP, ``imagenet/lip_resnet.py``) so that its published
-checkpoints load with ``load_state_dict(strict=True)``.
+(github.com/sebgao/LIP, ``imagenet/lip_resnet.py`` and
+``imagenet/lip_densenet.py``) so that its published checkpoints load with
+``load_state_dict(strict=True)``.
 
 Every LIP module takes ``use_reference``: ``False`` runs the fused, overflow-safe
 op (:func:`lip_cuda.functional.lip2d`), ``True`` runs the plain PyTorch
@@ -40,6 +44,7 @@ __all__ = [
     "SimplifiedLIP",
     "BottleneckShared",
     "BottleneckLIP",
+    "TransitionLIP",
     "set_lip_backend",
     "lip_logit_convs",
 ]
@@ -50,6 +55,29 @@ _IntPair = Union[int, Sequence[int]]
 DEFAULT_BOTTLENECK_WIDTH = 128
 #: The paper's gate maps logits into [0, COEFF].
 DEFAULT_GATE_COEFF = 12.0
+
+
+# Every logit module in the paper is built from these two pieces; the key
+# names are arguments because the authors' ResNet and DenseNet name the same
+# layers differently.
+def _gated_head(
+    in_channels: int, out_channels: int, kernel_size: int, conv_key: str, norm_key: str
+) -> list[tuple[str, nn.Module]]:
+    """``conv -> InstanceNorm -> SoftGate``: the layers that emit the logits."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    return [(conv_key, conv), (norm_key, nn.InstanceNorm2d(out_channels, affine=True)), ("gate", SoftGate())]
+
+
+def _bottleneck_trunk(channels: int, width: int) -> list[tuple[str, nn.Module]]:
+    """``conv1x1 -> IN -> ReLU -> conv3x3 -> IN -> ReLU`` with ``width`` channels."""
+    return [
+        ("conv1", nn.Conv2d(channels, width, 1, bias=False)),
+        ("bn1", nn.InstanceNorm2d(width, affine=True)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("conv2", nn.Conv2d(width, width, 3, padding=1, bias=False)),
+        ("bn2", nn.InstanceNorm2d(width, affine=True)),
+        ("relu2", nn.ReLU(inplace=True)),
+    ]
 
 
 class SoftGate(nn.Module):
@@ -195,24 +223,25 @@ class SimplifiedLIP(nn.Module):
         torch.Size([2, 64, 28, 28])
     """
 
+    #: State-dict names of the conv and the norm (LIP-DenseNet's stem uses
+    #: ``conv1`` / ``bn1``; see :class:`lip_cuda.models.LIPDenseNet`).
+    _keys = ("conv", "bn")
+
     def __init__(self, channels: int, use_reference: bool = False) -> None:
         super().__init__()
-        self.logit = nn.Sequential(
-            OrderedDict(
-                [
-                    ("conv", nn.Conv2d(channels, channels, 3, padding=1, bias=False)),
-                    ("bn", nn.InstanceNorm2d(channels, affine=True)),
-                    ("gate", SoftGate()),
-                ]
-            )
-        )
+        self.logit = nn.Sequential(OrderedDict(_gated_head(channels, channels, 3, *self._keys)))
         self.pool = LIP2d(3, 2, 1, use_reference=use_reference)
         self.reset_parameters()
 
+    @property
+    def logit_conv(self) -> nn.Conv2d:
+        """The conv that emits the logits (zero at initialisation)."""
+        return self.logit[0]
+
     def reset_parameters(self) -> None:
         """Zero the logit conv (start as average pooling) and reset the norm."""
-        nn.init.zeros_(self.logit.conv.weight)
-        self.logit.bn.reset_parameters()
+        nn.init.zeros_(self.logit_conv.weight)
+        self.logit[1].reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(x, self.logit(x))
@@ -244,18 +273,7 @@ class BottleneckShared(nn.Module):
 
     def __init__(self, channels: int, width: int = DEFAULT_BOTTLENECK_WIDTH) -> None:
         super().__init__()
-        self.logit = nn.Sequential(
-            OrderedDict(
-                [
-                    ("conv1", nn.Conv2d(channels, width, 1, bias=False)),
-                    ("bn1", nn.InstanceNorm2d(width, affine=True)),
-                    ("relu1", nn.ReLU(inplace=True)),
-                    ("conv2", nn.Conv2d(width, width, 3, padding=1, bias=False)),
-                    ("bn2", nn.InstanceNorm2d(width, affine=True)),
-                    ("relu2", nn.ReLU(inplace=True)),
-                ]
-            )
-        )
+        self.logit = nn.Sequential(OrderedDict(_bottleneck_trunk(channels, width)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.logit(x)
@@ -296,17 +314,14 @@ class BottleneckLIP(nn.Module):
         use_reference: bool = False,
     ) -> None:
         super().__init__()
-        self.postprocessing = nn.Sequential(
-            OrderedDict(
-                [
-                    ("conv", nn.Conv2d(width, channels, 1, bias=False)),
-                    ("bn", nn.InstanceNorm2d(channels, affine=True)),
-                    ("gate", SoftGate()),
-                ]
-            )
-        )
+        self.postprocessing = nn.Sequential(OrderedDict(_gated_head(width, channels, 1, "conv", "bn")))
         self.pool = LIP2d(3, 2, 1, use_reference=use_reference)
         self.reset_parameters()
+
+    @property
+    def logit_conv(self) -> nn.Conv2d:
+        """The conv that emits the logits (zero at initialisation)."""
+        return self.postprocessing.conv
 
     def reset_parameters(self) -> None:
         """Zero the head conv (start as average pooling) and reset the norm."""
@@ -315,6 +330,73 @@ class BottleneckLIP(nn.Module):
 
     def forward(self, x: Tensor, shared: Tensor) -> Tensor:
         return self.pool(x, self.postprocessing(shared))
+
+
+class TransitionLIP(nn.Module):
+    """LIP with the full Bottleneck-128 logit module on its own input.
+
+    ``logit = SoftGate(IN(conv1x1(relu(IN(conv3x3(relu(IN(conv1x1(x)))))))))``
+    (``channels -> width -> width -> channels``), then ``lip2d(x, logit)``.
+    This is how LIP-DenseNet's transitions downsample, over a 2x2 window with
+    stride 2 and no padding (the defaults here, the geometry of the
+    ``AvgPool2d(2, 2)`` it replaces). Unlike :class:`BottleneckLIP` there is
+    no trunk shared with other heads.
+
+    ``reset_parameters`` zeroes ``logit.conv3`` so the module starts as
+    average pooling; :class:`lip_cuda.models.LIPDenseNet` instead initialises
+    it as the authors' DenseNet does (He-normal, like every other conv).
+
+    State-dict keys: ``logit.conv1.weight``, ``logit.bn1.{weight,bias}``,
+    ``logit.conv2.weight``, ``logit.bn2.{weight,bias}``,
+    ``logit.conv3.weight``, ``logit.bn3.{weight,bias}``.
+
+    Args:
+        channels: ``C`` of the input.
+        width: trunk width (the paper's "Bottleneck-128" uses 128).
+        kernel_size, stride, padding: the pooling window, as in ``nn.AvgPool2d``.
+        use_reference: pool with the unfused reference op.
+
+    Shape:
+        x: ``(N, C, H, W)`` -> ``(N, C, H_out, W_out)`` as for ``avg_pool2d``;
+        ``(N, C, floor(H / 2), floor(W / 2))`` with the defaults.
+
+    Example::
+
+        >>> lip = TransitionLIP(64)
+        >>> lip(torch.randn(2, 64, 28, 27)).shape
+        torch.Size([2, 64, 14, 13])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        width: int = DEFAULT_BOTTLENECK_WIDTH,
+        kernel_size: int = 2,
+        stride: int = 2,
+        padding: int = 0,
+        use_reference: bool = False,
+    ) -> None:
+        super().__init__()
+        layers = _bottleneck_trunk(channels, width) + _gated_head(width, channels, 1, "conv3", "bn3")
+        self.logit = nn.Sequential(OrderedDict(layers))
+        self.pool = LIP2d(kernel_size=kernel_size, stride=stride, padding=padding, use_reference=use_reference)
+        self.reset_parameters()
+
+    @property
+    def logit_conv(self) -> nn.Conv2d:
+        """The conv that emits the logits (zero after ``reset_parameters``)."""
+        return self.logit.conv3
+
+    def reset_parameters(self) -> None:
+        """Default-initialise the trunk, zero the last conv (start as average
+        pooling) and reset the norms."""
+        for m in self.logit:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.zeros_(self.logit_conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x, self.logit(x))
 
 
 def set_lip_backend(module: nn.Module, use_reference: bool) -> nn.Module:
@@ -336,16 +418,13 @@ def set_lip_backend(module: nn.Module, use_reference: bool) -> nn.Module:
 
 
 def _lip_modules(module: nn.Module) -> list[nn.Module]:
-    """The LIP logit modules with a zero-initialised conv inside ``module``."""
-    return [m for m in module.modules() if isinstance(m, (SimplifiedLIP, BottleneckLIP))]
+    """The LIP logit modules inside ``module``, in ``modules()`` order."""
+    return [m for m in module.modules() if isinstance(m, (SimplifiedLIP, BottleneckLIP, TransitionLIP))]
 
 
 def lip_logit_convs(module: nn.Module) -> list[nn.Conv2d]:
-    """The last conv of every LIP logit head in ``module`` (the ones that start
-    at zero). Handy for tests and for giving those weights their own
-    optimiser settings."""
-    convs: list[nn.Conv2d] = []
-    for m in _lip_modules(module):
-        convs.append(m.logit.conv if isinstance(m, SimplifiedLIP) else m.postprocessing.conv)
-    return convs
+    """The last conv of every LIP logit head in ``module`` (the ones that
+    ``reset_parameters`` zeroes). Handy for tests and for giving those
+    weights their own optimiser settings."""
+    return [m.logit_conv for m in _lip_modules(module)]
 
