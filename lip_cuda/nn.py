@@ -132,8 +132,11 @@ class LIP2d(nn.Module):
             fused op (same result, more memory, overflows for large logits).
 
     Shape:
-        x, logit: ``(N, C, H, W)``, same shape.
-        output: ``(N, C, H_out, W_out)``, ``nn.AvgPool2d``'s output shape.
+        x: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+        logit: broadcastable to x; ``(N, 1, H, W)`` shares one importance map
+        across the channels without a copy (see :func:`lip_cuda.lip2d`).
+        output: ``(N, C, H_out, W_out)``, ``nn.AvgPool2d``'s output shape,
+        in x's dtype.
 
     Example::
 
@@ -169,12 +172,14 @@ class LIP2d(nn.Module):
         """Pool ``x`` with weights ``exp(logit)`` over each window.
 
         Args:
-            x: ``(N, C, H, W)`` features (float16, bfloat16, float32 or float64).
-            logit: ``(N, C, H, W)`` importance logits, any finite values; a
-                different floating dtype is promoted with ``x``'s.
+            x: ``(N, C, H, W)`` or ``(C, H, W)`` features (float16, bfloat16,
+                float32 or float64).
+            logit: importance logits broadcastable to ``x`` (e.g.
+                ``(N, 1, H, W)``: one map for all channels), any finite values
+                or -inf (masked out); its dtype may differ from ``x``'s.
 
         Returns:
-            ``(N, C, H_out, W_out)``: per window, ``sum(x * exp(logit)) /
+            ``(N, C, H_out, W_out)`` in ``x``'s dtype: per window, ``sum(x * exp(logit)) /
             sum(exp(logit))`` over the window clipped to the input, computed
             relative to the window's largest logit so it never overflows (with
             ``use_reference=True``, the plain formula, which can). Differentiable

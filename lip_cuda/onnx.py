@@ -91,20 +91,17 @@ def _window_span(x: Any, dim: int, k: int, s: int, p: int, ceil_mode: bool) -> A
 def _auxiliary_outputs(window_max: Any, weight_sum: Any, out: Any, aux_dtype: ir.DataType) -> Tuple[Any, ...]:
     """The operator's outputs after ``out``, from each window's max logit and sum of exp(l - max).
 
-    Schema ``(Tensor out, Tensor lse)``: lse = max + log(sum), the window's
-    log-sum-exp (-inf when all its logits are -inf). Inference graphs do not
-    use these (the exporter's optimiser drops them); they exist to match the
-    schema. This is the one place to change when the schema does.
+    Schema ``(Tensor out, Tensor window_max, Tensor inv_weight_sum)``: the
+    window's max logit (0 when all its logits are -inf; window_max arrives
+    here with that 0 already) and 1 / sum exp(l - max) (0 for such windows).
+    Inference graphs do not use these (the exporter's optimiser drops them);
+    they exist to match the schema. This is the one place to change when the
+    schema does.
     """
-    lse = op.Add(window_max, op.Log(weight_sum))
-    lse = op.Expand(op.Cast(lse, to=aux_dtype), op.Shape(out))  # logits may broadcast over N, C
-    return (lse,)
-    # For a schema (Tensor out, Tensor window_max, Tensor inv_weight_sum), with
-    # window_max 0 and inv_weight_sum 0 where a window's logits are all -inf
-    # (window_max arrives here with that 0 already), the body would be:
-    #   zero = _scalar_like(0.0, weight_sum)
-    #   inv = op.Where(op.Greater(weight_sum, zero), op.Reciprocal(weight_sum), zero)
-    #   return tuple(op.Expand(op.Cast(t, to=aux_dtype), op.Shape(out)) for t in (window_max, inv))
+    zero = _scalar_like(0.0, weight_sum)
+    inv = op.Where(op.Greater(weight_sum, zero), op.Reciprocal(weight_sum), zero)
+    # logits may broadcast over N and C
+    return tuple(op.Expand(op.Cast(t, to=aux_dtype), op.Shape(out)) for t in (window_max, inv))
 
 
 def lip2d_forward_onnx(

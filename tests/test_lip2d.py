@@ -27,7 +27,8 @@ def random_geometries(count: int, seed: int = 2019):
         cases.append((k, s, p, ceil, h, w))
     # the paper's layer, and square/odd classics
     cases += [((3, 3), (2, 2), (1, 1), False, 9, 11), ((3, 3), (2, 2), (1, 1), True, 7, 7),
-              ((2, 2), (1, 1), (1, 1), False, 5, 6), ((5, 5), (3, 3), (2, 2), True, 13, 8)]
+              ((2, 2), (1, 1), (1, 1), False, 5, 6), ((5, 5), (3, 3), (2, 2), True, 13, 8),
+              ((2, 2), (2, 2), (0, 0), False, 9, 11), ((3, 3), (1, 1), (1, 1), True, 8, 7)]
     return cases
 
 

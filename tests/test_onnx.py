@@ -113,6 +113,22 @@ def test_auxiliary_outputs_match_the_operator(seed) -> None:
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("logit_shape", [(2, 1, 9, 10), (1, 3, 9, 10)], ids=str)
+def test_shared_and_float32_logits(logit_shape, seed) -> None:
+    """A logit shared across the channels or the batch, as the operator reads it."""
+    x = torch.randn(2, 3, 9, 10)
+    logit = 12 * torch.rand(logit_shape)
+    program = lip_onnx.export(Pool(3, 2, 1).eval(), (x, logit))
+    (y,) = run_onnx(program.model_proto, x, logit)
+    torch.testing.assert_close(y, lip_cuda.lip2d(x, logit), rtol=1e-5, atol=1e-6)
+    want = float64_oracle(x, logit.expand_as(x), 3, 2, 1, False)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    got = run_onnx(lip_onnx.export(RawOp().eval(), (x, logit)).model_proto, x, logit)
+    for g, w in zip(got, RawOp()(x, logit)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_other_dtypes(dtype, seed) -> None:
     x = torch.randn(1, 3, 9, 9, dtype=dtype)
