@@ -78,4 +78,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # torchvision: ImageFolder, transforms and the ResNet-50 baseline of lip_cuda.train
+    extras_require={"train": ["torchvision"]},
+    entry_points={"console_scripts": ["lip-train = lip_cuda.train:cli"]},
 )
