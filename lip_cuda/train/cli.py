@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional, Sequence
 
 from .errors import TrainConfigError
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes (default: the folder's classes, 1000 for --synthetic)")
     d.add_argument("--image-size", type=int, default=224, help="training crop and validation crop size (default 224)")
     d.add_argument("--workers", "-j", type=int, default=None,
-                   help="data-loading processes per training process (default: 4 for --data, 0 for --synthetic)")
+                   help="data-loading processes per training process (default: min(4, CPUs) for --data, 0 for --synthetic)")
 
     m = p.add_argument_group("model")
     m.add_argument("--arch", "-a", default="lip_resnet50",
@@ -125,7 +126,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     elif args.synthetic_val is not None:
         raise TrainConfigError("--synthetic-val goes with --synthetic, not --data")
     if args.workers is None:
-        args.workers = 0 if args.synthetic is not None else 4
+        args.workers = 0 if args.synthetic is not None else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     if args.evaluate:
         if not (args.weights or args.resume):
             raise TrainConfigError("--evaluate needs --weights PATH (or --resume PATH) to evaluate")

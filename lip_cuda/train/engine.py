@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             loss.backward()
             optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: the scaler skips the step on overflow, which the scheduler
+            # takes for a wrong call order; the schedule stays on the step count.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
         n = target.numel()
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * n, _topk_correct(output.detach(), target, [1])[0].double(),

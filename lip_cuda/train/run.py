@@ -213,6 +213,8 @@ def _run(args, arch, rank, world, device, distributed, resume_ckpt, weights_ckpt
     log.record("config", arch=args.arch, world_size=world, global_batch=global_batch, steps_per_epoch=steps,
                peak_lr=lr, start_epoch=start_epoch, device=str(device), args=vars(args))
 
+    init_params = ({k: v.detach().cpu().clone() for k, v in raw_model.named_parameters()}
+                   if args.debug_dump else None)
     history, t_run = [], time.perf_counter()
     last_val = None
     for epoch in range(start_epoch, args.epochs):
@@ -253,6 +255,7 @@ def _run(args, arch, rank, world, device, distributed, resume_ckpt, weights_ckpt
         dump = Path(args.debug_dump)
         dump.mkdir(parents=True, exist_ok=True)
         torch.save({"rank": rank, "world_size": world, "indices": list(getattr(data.train_sampler, "seen", [])),
+                    "init_params": init_params,
                     "params": {k: v.detach().cpu().clone() for k, v in raw_model.named_parameters()}},
                    dump / f"rank{rank}.pt")
     total = time.perf_counter() - t_run
