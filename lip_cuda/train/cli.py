@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import List, Optional, Sequence
 
 from .errors import TrainConfigError
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes (default: the folder's classes, 1000 for --synthetic)")
     d.add_argument("--image-size", type=int, default=224, help="training crop and validation crop size (default 224)")
     d.add_argument("--workers", "-j", type=int, default=None,
-                   help="data-loading processes per training process (default: min(4, CPUs) for --data, 0 for --synthetic)")
+                   help="data-loading processes per training process (default: min(4, CPUs); 0 for --synthetic on the CPU)")
 
     m = p.add_argument_group("model")
     m.add_argument("--arch", "-a", default="lip_resnet50",
@@ -109,8 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Example::
 
         >>> args = parse_args(["--synthetic", "64", "--arch", "lip_smoke"])
-        >>> args.num_classes, args.workers
-        (1000, 0)
+        >>> args.num_classes, args.synthetic_val
+        (1000, 16)
     """
     args = build_parser().parse_args(argv)
     for name in ("synthetic", "synthetic_val", "num_classes", "image_size", "epochs", "batch_size",
@@ -125,8 +124,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.synthetic_val = max(1, args.synthetic // 4)
     elif args.synthetic_val is not None:
         raise TrainConfigError("--synthetic-val goes with --synthetic, not --data")
-    if args.workers is None:
-        args.workers = 0 if args.synthetic is not None else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     if args.evaluate:
         if not (args.weights or args.resume):
             raise TrainConfigError("--evaluate needs --weights PATH (or --resume PATH) to evaluate")

@@ -201,6 +201,11 @@ def build_data(args, rank: int, world_size: int, device: torch.device, *, record
         train_set = tv.datasets.ImageFolder(root / "train", _folder_transforms(tv, args.image_size, True)) if train else None
         val_set = tv.datasets.ImageFolder(root / "val", _folder_transforms(tv, args.image_size, False))
 
+    if args.workers is None:
+        # Synthetic images cost a few ms of CPU each: the CPU trains faster
+        # making them itself; a GPU needs them made in parallel.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.workers = 0 if (args.synthetic is not None and device.type == "cpu") else min(4, cpus)
     global_batch = args.batch_size * world_size
     pin = device.type == "cuda"
     gens: List[torch.Generator] = []
