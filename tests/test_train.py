@@ -273,7 +273,7 @@ def test_amp_channels_last(tmp_path: Path, amp: str, seed: int) -> None:
     assert (ck["scaler"] is not None and "scale" in ck["scaler"]) == (amp == "fp16")
 
 
-def test_step_schedule_and_registry() -> None:
+def test_step_schedule_and_registry(monkeypatch) -> None:
     # Warm-up ramps linearly to 1; the step schedule multiplies by gamma at each milestone.
     spe = 7
     assert [lr_factor(s, spe, 10, 2, "step", [4, 8], 0.1) for s in (0, 13)] == pytest.approx([1 / 14, 1.0])
@@ -287,6 +287,16 @@ def test_step_schedule_and_registry() -> None:
     for backend, ref in (("fused", False), ("reference", True)):
         lips = [m for m in build_model("lip_smoke", 10, backend).modules() if isinstance(m, LIP2d)]
         assert len(lips) == 5 and all(m.use_reference == ref for m in lips)
+    # The registry follows lip_cuda.models: a LIP arch it lacks is reported
+    # as missing from this version, one it gains is picked up.
+    from lip_cuda import models
+    from lip_cuda.train import archs as archs_mod
+
+    monkeypatch.setattr(archs_mod, "LIP_ARCH_NAMES", archs_mod.LIP_ARCH_NAMES + ("lip_future9",))
+    with pytest.raises(TrainConfigError, match="lip_future9 is not available: this version of lip_cuda.models"):
+        build_model("lip_future9", 10)
+    monkeypatch.setattr(models, "lip_future9", lambda num_classes: SmokeLIPResNet(num_classes), raising=False)
+    assert build_model("lip_future9", 7).fc.out_features == 7
     ns = type("NS", (), {"batch_size": None, "global_batch_size": 12})()
     assert resolve_batch_size(ns, 4) == 3
     with pytest.raises(TrainConfigError, match="does not divide over 5 processes"):
@@ -302,7 +312,7 @@ def _smoke_checkpoint(path: Path) -> None:
 @pytest.mark.parametrize("case", [
     "missing_data", "no_class_folders", "empty_class", "no_val", "unknown_arch", "batch_too_big",
     "global_batch_not_dividing", "resume_other_arch", "weights_other_arch", "missing_weights",
-    "evaluate_without_weights", "output_has_checkpoint",
+    "evaluate_without_weights", "output_has_checkpoint", "weights_other_classes",
 ])
 def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
     out = tmp_path / "out"
@@ -318,7 +328,7 @@ def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
             (tmp_path / "d" / "val").rmdir()
         if case == "empty_class":
             (tmp_path / "d" / "train" / "cat").mkdir()
-    if case in ("resume_other_arch", "weights_other_arch"):
+    if case in ("resume_other_arch", "weights_other_arch", "weights_other_classes"):
         _smoke_checkpoint(ck)
     if case == "global_batch_not_dividing":
         monkeypatch.setenv("WORLD_SIZE", "3")
@@ -342,6 +352,9 @@ def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
         "missing_weights": (syn + ["--weights", str(tmp_path / "none.pth")], "none.pth: no such file"),
         "evaluate_without_weights": (syn + ["--evaluate"], "--evaluate needs --weights"),
         "output_has_checkpoint": (syn, "already holds checkpoint.pth"),
+        "weights_other_classes": (["--synthetic", "16", "--image-size", "32", "--arch", "lip_smoke", "--num-classes", "4",
+                                   "--batch-size", "8", "--weights", str(ck), "--output", str(out)],
+                                  r"fc.weight \(10, 64\) vs \(4, 64\) \(the checkpoint has 10 classes, this run 4\)"),
     }[case]
     if case == "weights_other_arch":
         torch.save(SmokeLIPResNet(10).state_dict(), tmp_path / "bare.pth")  # a bare state dict: no arch recorded
