@@ -27,6 +27,8 @@ EXTRAS = {
     "test": ["pytest", "numpy"],
     # the detection backbones and detectors (lip_cuda.detection) build on torchvision
     "detection": ["torchvision"],
+    # ImageFolder, transforms and the ResNet-50 baseline of lip_cuda.train
+    "train": ["torchvision"],
 }
 
 
@@ -103,4 +105,5 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lip-train = lip_cuda.train:cli"]},
 )

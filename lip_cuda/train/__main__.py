@@ -1,0 +1,5 @@
+"""``python -m lip_cuda.train``."""
+from .run import cli
+
+if __name__ == "__main__":
+    cli()
