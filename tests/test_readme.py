@@ -51,6 +51,7 @@ def test_python_block_runs(line: int, code: str, tmp_path: Path) -> None:
 def bash_commands() -> list[list[str]]:
     cmds = []
     for _, code in blocks("bash"):
+        code = code.replace("\\\n", " ")  # join continued lines
         for raw in code.splitlines():
             line = raw.split("#", 1)[0].strip()
             if line:

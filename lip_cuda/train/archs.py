@@ -58,6 +58,7 @@ class SmokeLIPResNet(LIPResNet):
         nn.Module.__init__(self)
         self._width = 16
         self._use_reference = use_reference
+        self._norm_layer = nn.BatchNorm2d
         self.inplanes = 16
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
