@@ -9,6 +9,7 @@ LIP_CUDA_FORCE_CPU=1. Install with:  pip install --no-build-isolation -e .
 """
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,12 +58,21 @@ def default_cuda_arch_list() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
-def native_cpu_flags() -> list:
-    # The CPU kernels use the widest SIMD registers of the machine that builds
-    # them (this is a source build); LIP_CUDA_PORTABLE=1 keeps the default ISA.
-    if os.environ.get("LIP_CUDA_PORTABLE", "0") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+def cpu_isa_sources() -> list:
+    # The CPU kernels are built for the baseline ISA (lip2d_cpu.cpp) and, on
+    # x86-64 with GCC, again for AVX2 and AVX-512 (the same source, switched
+    # by "#pragma GCC target"); the extension picks one at run time. No
+    # -march flag, so the build runs on any x86-64 CPU whatever built it.
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("LIP_CUDA_CPU_ISAS", "1") == "0":
         return []
-    return ["-march=native"]
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    if "clang" in version.lower() or "Free Software Foundation" not in version:
+        return []
+    return [f"{CSRC}/lip2d_cpu_avx2.cpp", f"{CSRC}/lip2d_cpu_avx512.cpp"]
 
 
 def openmp_flags() -> list:
@@ -74,22 +84,29 @@ def openmp_flags() -> list:
 
 
 def extension():
+    isa_sources = cpu_isa_sources()
     sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp", f"{CSRC}/lip2d_emulate.cpp"]
+    sources += isa_sources
+    macros = [("LIP_CPU_ISA_BUILDS", None)] if isa_sources else []
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
-    cxx_flags = ["-O3", "-Wno-psabi"] + native_cpu_flags() + openmp_flags()
+    cxx_flags = ["-O3", "-Wno-psabi"] + openmp_flags()
     toolkit = cuda_toolkit()
     if toolkit is not None:
         default_cuda_arch_list()
         return cpp_extension.CUDAExtension(
             "lip_cuda._C",
             sources + [f"{CSRC}/lip2d_cuda.cu"],
-            define_macros=[("WITH_CUDA", None)],
+            define_macros=[("WITH_CUDA", None)] + macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             library_dirs=[toolkit.lib_dir],
             extra_link_args=openmp_flags(),
         )
     return cpp_extension.CppExtension(
-        "lip_cuda._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp_flags()
+        "lip_cuda._C",
+        sources,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=openmp_flags(),
     )
 
 

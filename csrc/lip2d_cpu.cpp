@@ -1,34 +1,87 @@
 // CPU kernels.
 //
-// float32, float16 and bfloat16 run in float lanes (lip_cpu_math.h): each
-// step of a window handles kLanes channels of one pixel at once, exp and log
-// included. Per window: the max first, then the sums of exp(l - max);
-// backward is a gather over the outputs covering each input pixel. The
-// window geometry is lip_window.h's, shared with the CUDA kernels.
-// - channels_last: channels are contiguous, so lanes load straight from the
-//   tensors; parallel over output (forward) or input (backward) rows.
-// - contiguous NCHW: a block of kLanes channel planes of one image is first
-//   transposed into a lane-minor float buffer [H][W][lane], computed there,
-//   and transposed back; parallel over (image, channel block).
+// float32, float16 and bfloat16 run in float lanes (lip_cpu_math.h), all
+// window math through lip_window.h's WindowStep (shared with the CUDA
+// kernels). Per window: the max first, then the sums of exp(l - max);
+// backward is a gather over the outputs covering each input.
+// - channels_last: channels are contiguous, so lanes are kLanes channels of
+//   one pixel, loaded straight from the tensors; parallel over output
+//   (forward) or input (backward) rows.
+// - contiguous NCHW, "rows": lanes are kLanes outputs (forward) or inputs
+//   (backward) along one row of one plane. A stride-sW row is split into sW
+//   phases (the columns congruent to r mod sW, converted to float), so that
+//   every window tap becomes a plain vector load at a fixed offset; the
+//   scratch is a few rows per task whatever the plane size or C.
+//   Parallel over (plane, strip of rows).
+// - contiguous NCHW, "blocks": for small planes with many channels, lanes
+//   are kLanes channels: a block of planes is transposed into a lane-minor
+//   float buffer [H][W][lane], computed there and transposed back (whole
+//   small planes, so the scratch is bounded by kMaxBlockPixels).
 //
 // x and the logit may differ in dtype (float32 logits with float16/bfloat16
 // x); a logit shared across channels (broadcast) fills all lanes with one
 // value.
 //
+// Instruction sets: this file is compiled once per ISA (LIP_CPU_ISA: 0 the
+// baseline, 1 AVX2, 2 AVX-512; lip2d_cpu_avx2.cpp and lip2d_cpu_avx512.cpp
+// include it) and lip2d_{forward,backward}_cpu pick one at run time from the
+// CPU's capability as torch reports it, lowered by LIP_CUDA_CPU_ISA. The ISA
+// is switched on with "#pragma GCC target" after the torch headers, not with
+// -m flags for the whole file: inline functions of the torch headers then
+// stay baseline code in every translation unit, so the linker cannot keep an
+// AVX-512 copy of one and call it on an AVX2 machine; the kernels live in a
+// per-ISA namespace for the same reason.
+//
 // float64 runs the generic CUDA kernels' own per-thread code through the CPU
 // emulation (lip2d_emulate.cpp), so every float64 test checks that code.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
+#include <vector>
+
+#include "lip_kernels.h"
+
+#ifndef LIP_CPU_ISA
+#define LIP_CPU_ISA 0
+#endif
+
+#if LIP_CPU_ISA != 0
+#if !(defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__))
+#error "the AVX2 and AVX-512 builds of the CPU kernels need GCC on x86-64"
+#endif
+#include <immintrin.h>
+#endif
+
+#if LIP_CPU_ISA == 2
+#define LIP_CPU_NS cpu_avx512
+#define LIP_CPU_ISA_NAME "avx512"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+#elif LIP_CPU_ISA == 1
+#define LIP_CPU_NS cpu_avx2
+#define LIP_CPU_ISA_NAME "avx2"
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#else
+#define LIP_CPU_NS cpu_default
+#define LIP_CPU_ISA_NAME "default"
+#endif
 
 #include "lip_cpu_lanes_io.h"
 #include "lip_cpu_math.h"
-#include "lip_kernels.h"
 
 namespace lip_cuda {
+namespace LIP_CPU_NS {
 namespace {
 
 using cpu_math::kLanes;
@@ -172,7 +225,277 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
   });
 }
 
-// ---- contiguous NCHW: channel blocks transposed into lane-minor buffers -----
+// ---- contiguous NCHW, rows: lanes along W ----------------------------------
+
+// Outputs (forward) or inputs (backward) per task: enough work to amortise
+// a task, small enough that a big plane still splits across threads.
+constexpr int64_t kTaskElements = 16384;
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The column taps kw that can fall inside the input for some output (any
+// kernel wider than the padded input is clipped to it): [first, last].
+inline void column_taps(const LipGeometry& g, int64_t& first, int64_t& last) {
+  first = std::max<int64_t>(0, g.pW - (g.OW - 1) * g.sW);
+  last = std::min<int64_t>(g.kW - 1, g.W - 1 + g.pW);
+}
+
+// Phase r of a row holds the columns r, r + s, r + 2s, ...: element j of
+// phase r is column (j + first) * s + r. Writes `length` floats per phase
+// (phase r at dst + r * length); columns outside [0, W) read `pad`.
+template <typename T>
+void split_phases(const T* row, int64_t W, int64_t s, int64_t first, int64_t length, float pad,
+                  float* dst) {
+  for (int64_t r = 0; r < s; ++r) {
+    float* d = dst + r * length;
+    const int64_t columns = r < W ? (W - r + s - 1) / s : 0;  // phase r's columns in [0, W)
+    const int64_t lo = std::min(std::max<int64_t>(-first, 0), length);
+    const int64_t hi = std::min(std::max<int64_t>(columns - first, lo), length);
+    for (int64_t j = 0; j < lo; ++j) d[j] = pad;
+    const T* src = row + (lo + first) * s + r;
+    const int64_t n = hi - lo;
+    if (s == 1) {
+      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[j]);
+    } else if (s == 2) {
+      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[2 * j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[j * s]);
+    }
+    for (int64_t j = hi; j < length; ++j) d[j] = pad;
+  }
+}
+
+// Inverse of split_phases (first = 0) for the columns in [0, W).
+template <typename T>
+void merge_phases(const float* src, int64_t W, int64_t s, int64_t length, T* row) {
+  for (int64_t r = 0; r < s && r < W; ++r) {
+    const float* p = src + r * length;
+    const int64_t columns = (W - r + s - 1) / s;
+    T* dst = row + r;
+    if (s == 1) {
+      for (int64_t j = 0; j < columns; ++j) dst[j] = static_cast<T>(p[j]);
+    } else if (s == 2) {
+      for (int64_t j = 0; j < columns; ++j) dst[2 * j] = static_cast<T>(p[j]);
+    } else {
+      for (int64_t j = 0; j < columns; ++j) dst[j * s] = static_cast<T>(p[j]);
+    }
+  }
+}
+
+template <typename x_t, typename l_t>
+void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
+  const LipGeometry& g = cg.g;
+  const LogitStrides& ls = cg.ls;
+  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
+  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
+  x_t* out_ptr = t.out.mutable_data_ptr<x_t>();
+  float* max_ptr = t.window_max.mutable_data_ptr<float>();
+  float* inv_ptr = t.inv_weight_sum.mutable_data_ptr<float>();
+  // Tap kw of output ow reads column ow * sW - pW + kw = (ow + q) * sW + r:
+  // element ow + q of phase r. Phases start at q_min, so that every tap of
+  // every (padded) lane chunk is inside the row buffer.
+  int64_t kw_first, kw_last;
+  column_taps(g, kw_first, kw_last);
+  const int64_t q_min = floor_div(kw_first - g.pW, g.sW);
+  const int64_t q_max = floor_div(kw_last - g.pW, g.sW);
+  const int64_t length = round_up(g.OW, kLanes) + q_max - q_min;
+  const int64_t row_floats = g.sW * length;
+  std::vector<int64_t> tap;  // the offset of each tap in a row's phases
+  for (int64_t kw = kw_first; kw <= kw_last; ++kw) {
+    const int64_t q = floor_div(kw - g.pW, g.sW);
+    tap.push_back((kw - g.pW - q * g.sW) * length + q - q_min);
+  }
+  const int64_t taps = static_cast<int64_t>(tap.size());
+  const int64_t ring_size = std::min(g.kH, g.H);  // input rows of one window, at most
+  const int64_t strip = std::min(std::max<int64_t>(kTaskElements / g.OW, 1), g.OH);
+  const int64_t strips = (g.OH + strip - 1) / strip;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, g.N * g.C * strips, 1, [&](int64_t begin, int64_t end) {
+    // A ring of the last kH input rows, split into phases: x and logit.
+    std::unique_ptr<float[]> scratch(new float[2 * ring_size * row_floats]);
+    std::vector<int64_t> ring(ring_size, -1);  // the input row each slot holds
+    int64_t ring_plane = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t plane = task / strips;
+      const int64_t n = plane / g.C;
+      const int64_t c = plane % g.C;
+      if (plane != ring_plane) {
+        std::fill(ring.begin(), ring.end(), -1);
+        ring_plane = plane;
+      }
+      const x_t* x_plane = x_ptr + plane * g.H * g.W;
+      const l_t* l_plane = l_ptr + n * ls.n + c * ls.c;
+      const int64_t oh_end = std::min(g.OH, (task % strips + 1) * strip);
+      for (int64_t oh = (task % strips) * strip; oh < oh_end; ++oh) {
+        int64_t h0, h1;
+        window_range<int64_t>(oh, g.kH, g.sH, g.pH, g.H, h0, h1);
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t slot = h % ring_size;
+          if (ring[slot] != h) {
+            float* xr = scratch.get() + 2 * slot * row_floats;
+            // padding columns: logit -inf (no weight), x 0
+            split_phases(x_plane + h * g.W, g.W, g.sW, q_min, length, 0.0f, xr);
+            split_phases(l_plane + h * g.W, g.W, g.sW, q_min, length, neg_inf, xr + row_floats);
+            ring[slot] = h;
+          }
+        }
+        const int64_t o_row = plane * g.OH * g.OW + oh * g.OW;
+        for (int64_t j0 = 0; j0 < g.OW; j0 += kLanes) {
+          Lanes m = splat(neg_inf);
+          for (int64_t h = h0; h < h1; ++h) {
+            const float* lr = scratch.get() + (2 * (h % ring_size) + 1) * row_floats + j0;
+            for (int64_t k = 0; k < taps; ++k) Step::max_tap(m, load(lr + tap[k]));
+          }
+          m = Step::reference_max(m);
+          Lanes sum = splat(0.0f), weighted = splat(0.0f);
+          for (int64_t h = h0; h < h1; ++h) {
+            const float* xr = scratch.get() + 2 * (h % ring_size) * row_floats + j0;
+            const float* lr = xr + row_floats;
+            for (int64_t k = 0; k < taps; ++k) {
+              Step::add_tap(load(lr + tap[k]), load(xr + tap[k]), m, sum, weighted);
+            }
+          }
+          Lanes y, inv;
+          Step::finish(sum, weighted, y, inv);
+          const int64_t count = std::min<int64_t>(kLanes, g.OW - j0);
+          store_lanes(out_ptr + o_row + j0, y, count);
+          store_lanes(max_ptr + o_row + j0, m, count);
+          store_lanes(inv_ptr + o_row + j0, inv, count);
+        }
+      }
+    }
+  });
+}
+
+template <typename x_t, typename l_t>
+void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
+  const LipGeometry& g = cg.g;
+  const LogitStrides& ls = cg.ls;
+  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
+  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
+  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
+  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
+  const float* max_ptr = t.window_max.const_data_ptr<float>();
+  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
+  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
+  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  // Input j of phase r (column j * sW + r) is covered by outputs ow = j - q,
+  // through tap kw = r + pW + q * sW, for the q with 0 <= kw < kW (and ow
+  // in [0, OW), checked per lane).
+  int64_t kw_first, kw_last;
+  column_taps(g, kw_first, kw_last);
+  const int64_t length = round_up((g.W + g.sW - 1) / g.sW, kLanes);  // per phase
+  std::vector<int64_t> q_lo(g.sW), q_hi(g.sW);
+  int64_t q_lo_all = 0, q_hi_all = 0;
+  for (int64_t r = 0; r < g.sW; ++r) {
+    q_lo[r] = -floor_div(r + g.pW - kw_first, g.sW);  // ceil((kw_first - r - pW) / sW)
+    q_hi[r] = floor_div(kw_last - r - g.pW, g.sW);
+    q_lo_all = std::min(q_lo_all, q_lo[r]);
+    q_hi_all = std::max(q_hi_all, q_hi[r]);
+  }
+  // Output rows are kept with `left` zeros before ow = 0 and enough after
+  // OW that every lane chunk's load stays inside; lanes whose output is
+  // outside [0, OW) are masked out of the sums.
+  const int64_t left = q_hi_all;
+  const int64_t out_floats = std::max(g.OW, length - q_lo_all) + left;
+  // outputs covering one input row, at most
+  const int64_t ring_size = std::min((g.kH + g.sH - 1) / g.sH, g.OH);
+  const int64_t strip = std::min(std::max<int64_t>(kTaskElements / g.W, 1), g.H);
+  const int64_t strips = (g.H + strip - 1) / strip;
+  at::parallel_for(0, g.N * g.C * strips, 1, [&](int64_t begin, int64_t end) {
+    // ring slots of 4 output rows (grad_out, out, max, 1 / sum), then the
+    // input row's x, logit, dx and dlogit phases
+    const int64_t ring_floats = ring_size * 4 * out_floats;
+    std::unique_ptr<float[]> scratch(new float[ring_floats + 4 * g.sW * length]);
+    float* const xph = scratch.get() + ring_floats;
+    float* const lph = xph + g.sW * length;
+    float* const dxph = lph + g.sW * length;
+    float* const dlph = dxph + g.sW * length;
+    std::vector<int64_t> ring(ring_size, -1);
+    int64_t ring_plane = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t plane = task / strips;
+      const int64_t n = plane / g.C;
+      const int64_t c = plane % g.C;
+      if (plane != ring_plane) {
+        std::fill(ring.begin(), ring.end(), -1);
+        ring_plane = plane;
+      }
+      const int64_t o_plane = plane * g.OH * g.OW;
+      const int64_t h_end = std::min(g.H, (task % strips + 1) * strip);
+      for (int64_t h = (task % strips) * strip; h < h_end; ++h) {
+        int64_t oh0, oh1;
+        covering_outputs<int64_t>(h, g.kH, g.sH, g.pH, g.OH, oh0, oh1);
+        for (int64_t oh = oh0; oh <= oh1; ++oh) {
+          const int64_t slot = oh % ring_size;
+          if (ring[slot] != oh) {
+            float* rows = scratch.get() + slot * 4 * out_floats;
+            const int64_t o = o_plane + oh * g.OW;
+            split_phases(g_ptr + o, g.OW, 1, -left, out_floats, 0.0f, rows);
+            split_phases(y_ptr + o, g.OW, 1, -left, out_floats, 0.0f, rows + out_floats);
+            split_phases(max_ptr + o, g.OW, 1, -left, out_floats, 0.0f, rows + 2 * out_floats);
+            split_phases(inv_ptr + o, g.OW, 1, -left, out_floats, 0.0f, rows + 3 * out_floats);
+            ring[slot] = oh;
+          }
+        }
+        const int64_t i_row = plane * g.H * g.W + h * g.W;
+        split_phases(x_ptr + i_row, g.W, g.sW, 0, length, 0.0f, xph);
+        split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
+        for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
+          const int64_t columns = (g.W - r + g.sW - 1) / g.sW;
+          for (int64_t j0 = 0; j0 < columns; j0 += kLanes) {
+            const Lanes xi = load(xph + r * length + j0);
+            const Lanes li = load(lph + r * length + j0);
+            Lanes dx = splat(0.0f), dl = splat(0.0f);
+            for (int64_t oh = oh0; oh <= oh1; ++oh) {
+              const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
+              // ow ascending, the order of the other layouts' gathers, so
+              // that the sums round the same way
+              for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
+                const float* o = rows - q;
+                const Lanes go = load(o), y = load(o + out_floats);
+                const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
+                if (j0 - q >= 0 && j0 + kLanes - q <= g.OW) {
+                  Step::grad_tap(li, xi, go, y, m, inv, dx, dl);
+                } else {
+                  // Lanes without an output ow = j - q read the zero padding
+                  // (grad 0, max 0, 1 / sum 0); their logit is zeroed too,
+                  // so that the tap adds exactly 0 even for an inf or NaN
+                  // logit, which no existing window sees.
+                  const auto clamp = [](int64_t v) {
+                    return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
+                  };
+                  const cpu_math::LaneInts valid =
+                      cpu_math::lanes_between(clamp(q - j0), clamp(g.OW + q - j0));
+                  Step::grad_tap(cpu_math::select(valid, li, splat(0.0f)), xi, go, y, m, inv, dx, dl);
+                }
+              }
+            }
+            store(dxph + r * length + j0, dx);
+            store(dlph + r * length + j0, dl);
+          }
+        }
+        merge_phases(dxph, g.W, g.sW, length, gx_ptr + i_row);
+        merge_phases(dlph, g.W, g.sW, length, gl_ptr + i_row);
+      }
+    }
+  });
+}
+
+// The blocks layout only for planes up to this size (its scratch is whole
+// planes x kLanes), and only where it fills more lanes than rows would.
+constexpr int64_t kMaxBlockPixels = 64 * 64;
+
+bool use_blocks(const LipGeometry& g) {
+  if (g.H * g.W > kMaxBlockPixels) return false;
+  const auto fill = [](int64_t n) {
+    return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
+  };
+  return fill(g.C) > fill(g.OW);
+}
+
+// ---- contiguous NCHW, blocks: channel blocks in lane-minor buffers ----------
 
 struct ChannelBlock {
   int64_t n, c0, lanes;  // image, first channel, channels in use (<= kLanes)
@@ -321,34 +644,143 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg) {
 
 }  // namespace
 
+const char* forward(const ForwardTensors& t, const CallGeometry& cg) {
+  const char* name = "";
+  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
+    using x_t = decltype(x_tag);
+    using l_t = decltype(l_tag);
+    if constexpr (!std::is_same_v<x_t, double>) {
+      if (cg.channels_last) {
+        forward_channels_last<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_channels_last";
+      } else if (use_blocks(cg.g)) {
+        forward_planes<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
+      } else {
+        forward_rows<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
+      }
+    }
+  });
+  return name;
+}
+
+const char* backward(const BackwardTensors& t, const CallGeometry& cg) {
+  const char* name = "";
+  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
+    using x_t = decltype(x_tag);
+    using l_t = decltype(l_tag);
+    if constexpr (!std::is_same_v<x_t, double>) {
+      if (cg.channels_last) {
+        backward_channels_last<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_channels_last";
+      } else if (use_blocks(cg.g)) {
+        backward_planes<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
+      } else {
+        backward_rows<x_t, l_t>(t, cg);
+        name = "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
+      }
+    }
+  });
+  return name;
+}
+
+}  // namespace LIP_CPU_NS
+}  // namespace lip_cuda
+
+#if LIP_CPU_ISA != 0
+#pragma GCC pop_options
+#else
+
+// ---- run-time choice of the instruction set (baseline translation unit) ----
+
+namespace lip_cuda {
+
+#if defined(LIP_CPU_ISA_BUILDS)
+namespace cpu_avx2 {
+const char* forward(const ForwardTensors& t, const CallGeometry& cg);
+const char* backward(const BackwardTensors& t, const CallGeometry& cg);
+}  // namespace cpu_avx2
+namespace cpu_avx512 {
+const char* forward(const ForwardTensors& t, const CallGeometry& cg);
+const char* backward(const BackwardTensors& t, const CallGeometry& cg);
+}  // namespace cpu_avx512
+#endif
+
+namespace {
+
+// What this CPU runs, as torch sees it (which honours ATEN_CPU_CAPABILITY):
+// 0 baseline, 1 AVX2, 2 AVX-512. Always 0 without the per-ISA builds.
+int cpu_isa_level() {
+#if defined(LIP_CPU_ISA_BUILDS)
+  static const int level = [] {
+    const std::string capability = at::get_cpu_capability();
+    if (capability.find("AVX512") != std::string::npos) return 2;
+    if (capability.find("AVX2") != std::string::npos) return 1;
+    return 0;
+  }();
+  return level;
+#else
+  return 0;
+#endif
+}
+
+// The ISA the kernels run in: the CPU's, or lower if LIP_CUDA_CPU_ISA asks
+// (read at every call, so that tests can switch it).
+int isa_to_run() {
+  const char* env = std::getenv("LIP_CUDA_CPU_ISA");
+  int wanted = 2;
+  if (env != nullptr && *env != '\0') {
+    std::string value(env);
+    for (char& ch : value) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (value == "default") {
+      wanted = 0;
+    } else if (value == "avx2") {
+      wanted = 1;
+    } else if (value == "avx512") {
+      wanted = 2;
+    } else {
+      TORCH_CHECK(false, "lip2d: expected the environment variable LIP_CUDA_CPU_ISA to be "
+                  "'default', 'avx2' or 'avx512' (or unset), but it is '", env, "'");
+    }
+  }
+  return std::min(wanted, cpu_isa_level());
+}
+
+}  // namespace
+
 const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
   if (t.x.scalar_type() == at::kDouble) {
     return lip2d_forward_emulated(t, cg, "generic", false);
   }
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    if constexpr (!std::is_same_v<x_t, double>) {
-                      cg.channels_last ? forward_channels_last<x_t, l_t>(t, cg)
-                                       : forward_planes<x_t, l_t>(t, cg);
-                    }
-                  });
-  return cg.channels_last ? "cpu_lanes_channels_last" : "cpu_lanes_planes";
+  switch (isa_to_run()) {
+#if defined(LIP_CPU_ISA_BUILDS)
+    case 2:
+      return cpu_avx512::forward(t, cg);
+    case 1:
+      return cpu_avx2::forward(t, cg);
+#endif
+    default:
+      return cpu_default::forward(t, cg);
+  }
 }
 
 const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg) {
   if (t.x.scalar_type() == at::kDouble) {
     return lip2d_backward_emulated(t, cg, "generic", false);
   }
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    if constexpr (!std::is_same_v<x_t, double>) {
-                      cg.channels_last ? backward_channels_last<x_t, l_t>(t, cg)
-                                       : backward_planes<x_t, l_t>(t, cg);
-                    }
-                  });
-  return cg.channels_last ? "cpu_lanes_channels_last" : "cpu_lanes_planes";
+  switch (isa_to_run()) {
+#if defined(LIP_CPU_ISA_BUILDS)
+    case 2:
+      return cpu_avx512::backward(t, cg);
+    case 1:
+      return cpu_avx2::backward(t, cg);
+#endif
+    default:
+      return cpu_default::backward(t, cg);
+  }
 }
 
 }  // namespace lip_cuda
+#endif

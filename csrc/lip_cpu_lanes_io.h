@@ -8,13 +8,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__F16C__)
+#if LIP_CPU_ISA >= 1
 #include <immintrin.h>
 #endif
 
 #include "lip_cpu_math.h"
 
 namespace lip_cuda {
+namespace LIP_CPU_NS {
 namespace cpu_math {
 
 typedef uint16_t LaneHalves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
@@ -44,9 +45,9 @@ inline void store_full(c10::BFloat16* p, Lanes v) {
   std::memcpy(p, &h, sizeof(h));
 }
 
-#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
+#if LIP_CPU_ISA >= 1  // F16C: every AVX2 and AVX-512 CPU has it
 inline Lanes load_full(const c10::Half* p) {
-#if defined(__AVX512F__)
+#if LIP_CPU_ISA == 2
   // The masked forms with a zero source: GCC's plain ones start from an
   // "undefined" register and then warn that it may be used uninitialised.
   return reinterpret_cast<Lanes>(_mm512_mask_cvtph_ps(
@@ -57,7 +58,7 @@ inline Lanes load_full(const c10::Half* p) {
 }
 
 inline void store_full(c10::Half* p, Lanes v) {
-#if defined(__AVX512F__)
+#if LIP_CPU_ISA == 2
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF,
                                            reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
@@ -103,4 +104,5 @@ inline void store_lanes(T* p, Lanes v, int64_t count) {
 }
 
 }  // namespace cpu_math
+}  // namespace LIP_CPU_NS
 }  // namespace lip_cuda

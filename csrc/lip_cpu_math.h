@@ -1,20 +1,31 @@
-// Lane vectors for the CPU kernels: one native SIMD register of floats as a
-// GCC/Clang vector extension type (16 lanes with AVX-512, 8 with AVX, 4 with
-// SSE or NEON). Wider types than the target has get their comparisons
+// Lane vectors for the CPU kernels: one SIMD register of floats as a
+// GCC/Clang vector extension type, as wide as the instruction set the
+// including translation unit is compiled for (LIP_CPU_ISA, see
+// lip2d_cpu.cpp): 16 lanes for AVX-512, 8 for AVX2, 4 for the baseline
+// (SSE2 or NEON). Wider types than the target has get their comparisons
 // scalarised, hence native width. exp is written on it because libm's is an
-// opaque scalar call. Only the ranges the kernels use are
-// covered; NaN propagates.
+// opaque scalar call. Only the ranges the kernels use are covered; NaN
+// propagates.
+//
+// Everything here lives in the per-ISA namespace LIP_CPU_NS, so that the
+// translation units built for different ISAs never share (and never let the
+// linker merge) a function compiled with different instructions.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#if !defined(LIP_CPU_ISA) || !defined(LIP_CPU_NS)
+#error "define LIP_CPU_ISA (0 default, 1 AVX2, 2 AVX-512) and LIP_CPU_NS before including"
+#endif
+
 namespace lip_cuda {
+namespace LIP_CPU_NS {
 namespace cpu_math {
 
-#if defined(__AVX512F__)
+#if LIP_CPU_ISA == 2
 constexpr int kLanes = 16;
-#elif defined(__AVX__)
+#elif LIP_CPU_ISA == 1
 constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
@@ -42,6 +53,13 @@ inline Lanes select(LaneInts mask, Lanes a, Lanes b) {
   Lanes out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
+}
+
+// All-ones in the lanes l with lo <= l < hi, zero elsewhere.
+inline LaneInts lanes_between(int32_t lo, int32_t hi) {
+  LaneInts index;
+  for (int l = 0; l < kLanes; ++l) index[l] = l;
+  return (index >= lo) & (index < hi);
 }
 
 // max(a, b) that ignores NaN in b (a is the running max, so a NaN logit
@@ -97,4 +115,5 @@ struct LaneMath {
 };
 
 }  // namespace cpu_math
+}  // namespace LIP_CPU_NS
 }  // namespace lip_cuda

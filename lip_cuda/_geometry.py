@@ -3,6 +3,7 @@
 Shared by the functional API, the fake (meta) kernels and the reference, so
 that all of them agree with the C++ operator on what a call means.
 """
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,15 +11,38 @@ import torch
 IntPair = Union[int, Sequence[int]]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int_value(item, name: str, value) -> int:
+    """One size value: a Python int (or an object with __index__, e.g. a
+    numpy integer) within int64; SymInts pass through for tracing."""
+    if isinstance(item, torch.SymInt):
+        return item  # type: ignore[return-value]
+    if isinstance(item, bool) or isinstance(item, torch.Tensor) or not hasattr(item, "__index__"):
+        kind = "a tensor" if isinstance(item, torch.Tensor) else f"{type(item).__name__} {item!r}"
+        raise TypeError(
+            f"lip2d: expected {name} to be an int or a pair of ints, but got {kind}"
+            + (f" in {value!r}" if item is not value else "")
+        )
+    number = operator.index(item)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise ValueError(
+            f"lip2d: expected {name} to hold values that fit in a 64-bit integer, but got {number}"
+        )
+    return number
+
+
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
+    if isinstance(value, (str, bytes)) or isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        single = _int_value(value, name, value)
+        return (single, single)
     values = tuple(value)
     if len(values) == 1:
-        return (values[0], values[0])
+        values = (values[0], values[0])
     if len(values) != 2:
         raise ValueError(f"lip2d: expected {name} to be an int or a pair of ints, got {value!r}")
-    return values  # type: ignore[return-value]
+    return (_int_value(values[0], name, value), _int_value(values[1], name, value))
 
 
 def pool_args(
@@ -26,7 +50,7 @@ def pool_args(
 ) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
     """Normalise to (kernel, stride, padding) pairs; stride None means kernel_size."""
     kernel = _pair(kernel_size, "kernel_size")
-    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+    if stride is None or (isinstance(stride, Sequence) and not isinstance(stride, str) and len(stride) == 0):
         strides = kernel
     else:
         strides = _pair(stride, "stride")

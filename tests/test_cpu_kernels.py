@@ -1,0 +1,301 @@
+"""The CPU kernels' own layouts and builds, and the pooling-argument errors.
+
+- contiguous (NCHW) input runs the "rows" kernels (lanes along W) or, for
+  small planes with many channels, the "blocks" kernels (lanes across
+  channels): both against the float64 oracle, in every dtype, including
+  tall and wide single-channel planes, masking and poisoned columns that no
+  window covers;
+- the scratch memory of a large single-channel plane stays a few times the
+  tensor sizes (measured in a fresh process);
+- every instruction set build this CPU can run (LIP_CUDA_CPU_ISA) gives the
+  oracle's results;
+- pooling arguments that are not ints say what was expected.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lip_oracle import oracle_with_grads
+
+import lip_cuda
+
+ops = torch.ops.lip_cuda
+ROOT = Path(__file__).resolve().parents[1]
+
+# forward, gradient tolerance relative to the largest oracle magnitude
+TOLERANCE = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (2e-2, 4e-2), torch.float16: (4e-3, 8e-3)}
+DTYPES = list(TOLERANCE)
+
+
+def dtype_id(v):
+    return str(v).replace("torch.", "")
+
+
+def fused_with_grads(x, logit, grad_out, k, s, p, ceil):
+    x = x.detach().requires_grad_()
+    logit = logit.detach().requires_grad_()
+    y = lip_cuda.lip2d(x, logit, k, s, p, ceil)
+    kernel = ops._lip2d_last_kernel()
+    gx, gl = torch.autograd.grad(y, (x, logit), grad_out)
+    return (y, gx, gl), kernel
+
+
+def assert_matches_oracle(got, want, dtype):
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    for g, w, tol in zip(got, want, (fwd_tol, grad_tol, grad_tol)):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
+
+
+def random_inputs(shape, dtype, layout, logit_shape=None, logit_high=6.0):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    logit = (torch.rand(logit_shape or shape, dtype=torch.float64) * logit_high).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+        logit = logit.to(memory_format=torch.channels_last)
+    return x, logit
+
+
+# (shape, kernel, stride, padding, ceil_mode, the contiguous kernel expected)
+PLANES = [
+    ((1, 1, 301, 9), 3, 2, 1, False, "rows"),              # tall, one channel
+    ((1, 1, 6, 777), 3, 2, 1, True, "rows"),               # wide, one channel
+    ((2, 1, 37, 130), (5, 3), (3, 2), (2, 1), True, "rows"),
+    ((1, 2, 41, 67), (2, 4), (1, 3), (1, 2), False, "rows"),
+    ((2, 3, 19, 50), (1, 5), (2, 1), (0, 2), False, "rows"),
+    ((1, 1, 9, 200), (3, 7), (2, 4), (1, 3), True, "rows"),  # stride 4 with padding 3
+    ((2, 40, 12, 12), 3, 2, 1, False, "blocks"),           # small planes, many channels
+    ((1, 24, 9, 13), (2, 3), (2, 3), (1, 1), True, "blocks"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", PLANES, ids=lambda c: "x".join(map(str, c[0])) + f"-{c[5]}")
+def test_planes_match_oracle(case, layout, dtype, seed):
+    shape, k, s, p, ceil, path = case
+    x, logit = random_inputs(shape, dtype, layout)
+    out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, *shape[2:]), k, s, p, ceil).shape
+    grad_out = torch.randn(shape[0], shape[1], *out_shape[2:], dtype=torch.float64).to(dtype)
+    got, kernel = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
+    want = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
+    assert_matches_oracle(got, want, dtype)
+    # one channel: channels_last is also contiguous, and runs as such
+    expected = f"planes_{path}" if x.is_contiguous() else "channels_last"
+    assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_rows_shared_logit_matches_oracle(dtype, seed):
+    """One logit map for all channels (and images), read without a copy."""
+    x, logit = random_inputs((2, 3, 23, 70), dtype, "contiguous", logit_shape=(1, 1, 23, 70))
+    grad_out = torch.randn(2, 3, 12, 35).to(dtype)
+    got, kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+    want = oracle_with_grads(x, logit.expand_as(x), grad_out, 3, 2, 1, False)
+    # grad_logit of a shared map: the sum over what shares it
+    want = (want[0], want[1], want[2].sum(dim=(0, 1), keepdim=True))
+    assert got[2].shape == logit.shape
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got[0].double(), want[0], rtol=fwd_tol, atol=fwd_tol * want[0].abs().max().item())
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.double(), w, rtol=grad_tol, atol=grad_tol * w.abs().max().item())
+    assert kernel.endswith("planes_rows")
+
+
+def test_rows_masked_and_uncovered_positions_have_no_effect(seed):
+    """-inf logits mask their x (even inf/NaN) out; columns that no window
+    covers (kernel 2, stride 3) may hold NaN logits and inf x and still get
+    zero gradients and change nothing."""
+    n, c, h, w = 2, 2, 14, 61
+    x, logit = random_inputs((n, c, h, w), torch.float32, "contiguous")
+    masked = torch.zeros(n, c, h, w, dtype=torch.bool)
+    masked[:, :, 1::2] = torch.rand(n, c, h // 2, w) < 0.4  # odd rows only: no window all masked
+    x_poisoned = x.clone()
+    x_poisoned[masked] = torch.where(torch.rand(int(masked.sum())) < 0.5, float("inf"), float("nan"))
+    logit_poisoned = logit.masked_fill(masked, float("-inf"))
+    grad_out = torch.randn(n, c, 7, 31)
+    got, kernel = fused_with_grads(x_poisoned, logit_poisoned, grad_out, 3, 2, 1, False)
+    assert kernel.endswith("planes_rows")
+    want = oracle_with_grads(x.masked_fill(masked, 0.0), logit_poisoned, grad_out, 3, 2, 1, False)
+    assert_matches_oracle(got, want, torch.float32)
+    assert torch.all(got[1][masked] == 0) and torch.all(got[2][masked] == 0)
+
+    uncovered = torch.zeros(n, c, h, w, dtype=torch.bool)
+    uncovered[..., 2::3] = True  # kernel 2, stride 3: columns 2, 5, 8, ... are in no window
+    x_poisoned = x.masked_fill(uncovered, float("inf"))
+    logit_poisoned = logit.masked_fill(uncovered, float("nan"))
+    grad_out = torch.randn(n, c, 5, 20)
+    got, kernel = fused_with_grads(x_poisoned, logit_poisoned, grad_out, 2, 3, 0, False)
+    assert kernel.endswith("planes_rows")
+    want = oracle_with_grads(x, logit, grad_out, 2, 3, 0, False)
+    assert_matches_oracle(got, want, torch.float32)
+    assert torch.all(got[1][uncovered] == 0) and torch.all(got[2][uncovered] == 0)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+def test_rows_large_logits_at_row_edges(offset, seed):
+    """Logits far above exp's range: the edge columns (even W, so the last
+    one is in a window only on its left) must not see a padding output."""
+    shape = (1, 3, 16, 64)
+    x = torch.randn(shape)
+    logit = offset + 4 * torch.randn(shape)
+    for k, s, p in ((3, 2, 1), (4, 3, 2), (5, 1, 2)):
+        out_shape = torch.nn.functional.avg_pool2d(x, k, s, p).shape
+        grad_out = torch.randn(out_shape)
+        got, kernel = fused_with_grads(x, logit, grad_out, k, s, p, False)
+        assert kernel.endswith("planes_rows")
+        assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, k, s, p, False), torch.float32)
+
+
+_MEMORY_SCRIPT = r"""
+import json, resource, sys, torch, lip_cuda
+torch.set_num_threads(2)
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+dtype = getattr(torch, sys.argv[1])
+w = torch.randn(1, 1, 64, 64, requires_grad=True)
+lip_cuda.lip2d(w, w).sum().backward()  # load code pages and threads first
+x = torch.randn(1, 1, 2048, 2048).to(dtype).requires_grad_()
+logit = torch.rand(1, 1, 2048, 2048).to(dtype).requires_grad_()
+base = peak()
+y = lip_cuda.lip2d(x, logit)
+forward = peak() - base
+kernel = torch.ops.lip_cuda._lip2d_last_kernel()
+gx, gl = torch.autograd.grad(y, (x, logit), torch.ones_like(y))
+print(json.dumps({"forward": forward, "total": peak() - base, "bytes": x.nbytes, "kernel": kernel,
+                  "finite": bool(torch.isfinite(gx).all() and torch.isfinite(gl).all())}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_single_channel_plane_memory_is_bounded(dtype):
+    """1x1x2048x2048: peak RSS growth of forward+backward in a fresh process.
+    The outputs alone are about 3.3x x's bytes (out, window max, 1 / sum,
+    grad_out, grad_x, grad_logit); the old whole-plane scratch of 16 lanes
+    took over 80x."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, dtype], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["kernel"].endswith("planes_rows")
+    assert stats["finite"]
+    assert stats["forward"] < 2 * stats["bytes"], stats
+    assert stats["total"] < 5 * stats["bytes"], stats
+
+
+# ---- instruction sets --------------------------------------------------------
+
+def runnable_isas():
+    """The ISA builds this CPU can run, as torch reports its capability."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    isas = ["default"]
+    if capability in ("AVX2", "AVX512"):
+        isas.append("avx2")
+    if capability == "AVX512":
+        isas.append("avx512")
+    return isas
+
+
+ISA_CASES = [  # shape, layout, dtype: one per kernel layout and lane conversion
+    ((2, 3, 33, 70), "contiguous", torch.float32),
+    ((2, 40, 10, 10), "contiguous", torch.float32),
+    ((2, 21, 15, 17), "channels_last", torch.float32),
+    ((1, 2, 29, 45), "contiguous", torch.bfloat16),
+    ((2, 19, 13, 11), "channels_last", torch.float16),
+]
+
+
+def run_isa_cases(seed_value):
+    torch.manual_seed(seed_value)
+    results = []
+    for shape, layout, dtype in ISA_CASES:
+        x, logit = random_inputs(shape, dtype, layout)
+        out_shape = torch.nn.functional.avg_pool2d(torch.empty(shape), 3, 2, 1).shape
+        grad_out = torch.randn(out_shape).to(dtype)
+        got, kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+        results.append((x, logit, grad_out, got, kernel))
+    return results
+
+
+def test_every_isa_build_matches_oracle(monkeypatch, seed):
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the per-ISA builds exist on x86-64 only")
+    first = None
+    for isa in runnable_isas():
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        results = run_isa_cases(seed)
+        for (shape, layout, dtype), (x, logit, grad_out, got, kernel) in zip(ISA_CASES, results):
+            assert kernel.startswith(f"cpu_{isa}_"), (isa, kernel)
+            assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), dtype)
+        if first is None:
+            first = results
+            continue
+        # the same arithmetic, rounded alike up to FMA contraction
+        for (_, _, dtype), a, b in zip(ISA_CASES, first, results):
+            tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+            for u, v in zip(a[3], b[3]):
+                torch.testing.assert_close(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
+
+
+def test_isa_forced_at_process_start(tmp_path, seed):
+    """LIP_CUDA_CPU_ISA=default in a fresh process runs the baseline build
+    (the one a machine without AVX2 would run) with the same results."""
+    x, logit = random_inputs((2, 5, 31, 40), torch.float32, "contiguous")
+    torch.save((x, logit), tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, lip_cuda\n"
+        "x, l = torch.load(sys.argv[1])\n"
+        "y = lip_cuda.lip2d(x, l)\n"
+        "torch.save((y, torch.ops.lip_cuda._lip2d_last_kernel()), sys.argv[2])\n"
+    )
+    env = dict(os.environ, LIP_CUDA_CPU_ISA="default",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    y, kernel = torch.load(tmp_path / "out.pt")
+    assert kernel == "cpu_default_planes_rows"
+    torch.testing.assert_close(y, lip_cuda.lip2d(x, logit), rtol=2e-6, atol=2e-6)
+
+
+def test_unknown_isa_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LIP_CUDA_CPU_ISA", "avx9000")
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match=r"LIP_CUDA_CPU_ISA to be 'default', 'avx2' or 'avx512'"):
+        lip_cuda.lip2d(x, x)
+
+
+# ---- pooling arguments ---------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    ("float kernel", dict(kernel_size=3.0), TypeError, r"kernel_size to be an int or a pair of ints, but got float 3.0"),
+    ("float in pair", dict(padding=(1, 0.5)), TypeError, r"padding to be an int or a pair of ints, but got float 0.5 in \(1, 0.5\)"),
+    ("0-d tensor", dict(kernel_size=torch.tensor(3)), TypeError, r"kernel_size to be an int or a pair of ints, but got a tensor"),
+    ("bool", dict(stride=True), TypeError, r"stride to be an int or a pair of ints, but got bool"),
+    ("string", dict(stride="2"), TypeError, r"stride to be an int or a pair of ints, but got str"),
+    ("2**63", dict(stride=2**63), ValueError, r"stride to hold values that fit in a 64-bit integer, but got 9223372036854775808"),
+    ("-2**63-1", dict(padding=(0, -2**63 - 1)), ValueError, r"padding to hold values that fit in a 64-bit integer"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=lambda c: c[0])
+@pytest.mark.parametrize("fn", [lip_cuda.lip2d, lip_cuda.lip2d_reference], ids=["fused", "reference"])
+def test_bad_pooling_arguments_say_what_was_expected(fn, case):
+    _, kwargs, error, message = case
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(error, match=message):
+        fn(x, torch.rand(1, 2, 8, 8), **kwargs)
+
+
+def test_integer_like_pooling_arguments_are_accepted(seed):
+    x, logit = torch.randn(1, 2, 9, 9), torch.rand(1, 2, 9, 9)
+    want = lip_cuda.lip2d(x, logit, 3, 2, 1)
+    torch.testing.assert_close(lip_cuda.lip2d(x, logit, np.int64(3), [np.int32(2)], (1,)), want,
+                               rtol=0, atol=0)
