@@ -3,7 +3,6 @@
 // lip_kernel_launch.h picks (the CPU emulation picks the same). Backward is a
 // gather (each thread writes only its own inputs' gradients): no atomics,
 // deterministic.
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -37,29 +36,13 @@ struct CudaLauncher {
 }  // namespace
 
 const char* lip2d_forward_cuda(const ForwardTensors& t, const CallGeometry& cg) {
-  const KernelVariant variant = kernel_variant_from_env();
-  const char* name = "";
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
-                    name = dispatch_forward(launcher, forward_args<x_t, l_t>(t, cg),
-                                            cg.channels_last, variant, false);
-                  });
-  return name;
+  CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
+  return launch_forward(launcher, t, cg, kernel_variant_from_env(), false);
 }
 
 const char* lip2d_backward_cuda(const BackwardTensors& t, const CallGeometry& cg) {
-  const KernelVariant variant = kernel_variant_from_env();
-  const char* name = "";
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
-                    name = dispatch_backward(launcher, backward_args<x_t, l_t>(t, cg),
-                                             cg.channels_last, variant, false);
-                  });
-  return name;
+  CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
+  return launch_backward(launcher, t, cg, kernel_variant_from_env(), false);
 }
 
 }  // namespace lip_cuda

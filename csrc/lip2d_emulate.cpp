@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include "lip_kernel_launch.h"
-#include "lip_kernels.h"
 
 namespace lip_cuda {
 namespace {
@@ -40,30 +39,14 @@ KernelVariant parse_variant(const std::string& variant) {
 
 const char* lip2d_forward_emulated(const ForwardTensors& t, const CallGeometry& cg,
                                    const std::string& variant, bool force_int64) {
-  const KernelVariant v = parse_variant(variant);
-  const char* name = "";
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    EmulatedLauncher launcher;
-                    name = dispatch_forward(launcher, forward_args<x_t, l_t>(t, cg),
-                                            cg.channels_last, v, force_int64);
-                  });
-  return name;
+  EmulatedLauncher launcher;
+  return launch_forward(launcher, t, cg, parse_variant(variant), force_int64);
 }
 
 const char* lip2d_backward_emulated(const BackwardTensors& t, const CallGeometry& cg,
                                     const std::string& variant, bool force_int64) {
-  const KernelVariant v = parse_variant(variant);
-  const char* name = "";
-  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
-                    using x_t = decltype(x_tag);
-                    using l_t = decltype(l_tag);
-                    EmulatedLauncher launcher;
-                    name = dispatch_backward(launcher, backward_args<x_t, l_t>(t, cg),
-                                             cg.channels_last, v, force_int64);
-                  });
-  return name;
+  EmulatedLauncher launcher;
+  return launch_backward(launcher, t, cg, parse_variant(variant), force_int64);
 }
 
 }  // namespace lip_cuda

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "lip_kernel_threads.h"
+#include "lip_kernels.h"
 
 namespace lip_cuda {
 
@@ -143,13 +144,15 @@ const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc
                                                          a.inv_weight_sum) &&
           channels_last_shape(g.N * g.OH, g.OW, g.C / V, shape)) {
         with_fast_geometry(fg, [&](auto k, auto s, auto p) {
-          launcher.template launch<FastForwardChannelsLast<decltype(k)::value, decltype(s)::value, decltype(p)::value, V, x_t, l_t, acc_t>>(shape, a);
+          constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
+          launcher.template launch<FastForwardChannelsLast<K, S, P, V, x_t, l_t, acc_t>>(shape, a);
         });
         launched = true;
       }
     } else if (planes_shape(g, g.N * g.C * g.OH, g.OW, shape)) {
       with_fast_geometry(fg, [&](auto k, auto s, auto p) {
-        launcher.template launch<FastForwardPlanes<decltype(k)::value, decltype(s)::value, decltype(p)::value, x_t, l_t, acc_t>>(shape, a);
+        constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
+        launcher.template launch<FastForwardPlanes<K, S, P, x_t, l_t, acc_t>>(shape, a);
       });
       launched = true;
     }
@@ -182,13 +185,15 @@ const char* dispatch_backward(Launcher& launcher, const BackwardArgs<x_t, l_t, a
           aligned_to(a.grad_logit, sizeof(l_t) * V) &&
           channels_last_shape(g.N * g.H, g.W, g.C / V, shape)) {
         with_fast_geometry(fg, [&](auto k, auto s, auto p) {
-          launcher.template launch<FastBackwardChannelsLast<decltype(k)::value, decltype(s)::value, decltype(p)::value, V, x_t, l_t, acc_t>>(shape, a);
+          constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
+          launcher.template launch<FastBackwardChannelsLast<K, S, P, V, x_t, l_t, acc_t>>(shape, a);
         });
         launched = true;
       }
     } else if (planes_shape(g, g.N * g.C * g.H, g.W, shape)) {
       with_fast_geometry(fg, [&](auto k, auto s, auto p) {
-        launcher.template launch<FastBackwardPlanes<decltype(k)::value, decltype(s)::value, decltype(p)::value, x_t, l_t, acc_t>>(shape, a);
+        constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
+        launcher.template launch<FastBackwardPlanes<K, S, P, x_t, l_t, acc_t>>(shape, a);
       });
       launched = true;
     }
@@ -203,6 +208,34 @@ const char* dispatch_backward(Launcher& launcher, const BackwardArgs<x_t, l_t, a
   channels_last ? launcher.template launch<GenericBackward<true, x_t, l_t, acc_t, int32_t>>(shape, a)
                 : launcher.template launch<GenericBackward<false, x_t, l_t, acc_t, int32_t>>(shape, a);
   return "generic_int32";
+}
+
+// The typed dispatch of one call through `launcher`, shared by the CUDA
+// launcher and the emulation; returns the kernel's name.
+template <typename Launcher>
+const char* launch_forward(Launcher& launcher, const ForwardTensors& t, const CallGeometry& cg,
+                           KernelVariant variant, bool force_int64) {
+  const char* name = "";
+  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
+    using x_t = decltype(x_tag);
+    using l_t = decltype(l_tag);
+    name = dispatch_forward(launcher, forward_args<x_t, l_t>(t, cg), cg.channels_last, variant,
+                            force_int64);
+  });
+  return name;
+}
+
+template <typename Launcher>
+const char* launch_backward(Launcher& launcher, const BackwardTensors& t, const CallGeometry& cg,
+                            KernelVariant variant, bool force_int64) {
+  const char* name = "";
+  dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
+    using x_t = decltype(x_tag);
+    using l_t = decltype(l_tag);
+    name = dispatch_backward(launcher, backward_args<x_t, l_t>(t, cg), cg.channels_last, variant,
+                             force_int64);
+  });
+  return name;
 }
 
 }  // namespace lip_cuda
