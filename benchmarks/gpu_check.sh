@@ -68,8 +68,7 @@ if torch.cuda.is_available():
 
 if [ "$MODE" = gpu ]; then
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
-  CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-  export CUDA_HOME
+  # setup.py finds the toolkit (CUDA_HOME, nvcc on PATH, /usr/local/cuda)
   step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
     "$PY" setup.py build_ext --inplace
   step import 60 "$PY" -c "import lip_cuda; assert lip_cuda.built_with_cuda(), 'CUDA kernels not built'; print('lip_cuda with CUDA kernels')"
