@@ -9,11 +9,12 @@
 #   1. build the extension in place for the visible GPU only (no venv, no downloads)
 #   2. the CUDA tests (every test whose id names cuda), once per kernel variant
 #   3. the kernel benchmark: batch 64, float32 and bfloat16, both layouts, fused
-#      (generic and fast) against eager and torch.compile of the reference
+#      (generic and fast) and the eager reference
 #   4. the LIP-ResNet-50 training step, bfloat16 channels_last and float32
 #   5. compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #      benchmarks/gpu_workload.py (every kernel, dtype pair, layout, variant)
-#   6. ncu: DRAM bytes and time of each lip2d kernel at the s2b layer (if time is left)
+#   6. torch.compile of the reference, one dtype/layout at a time
+#   7. ncu: DRAM bytes and time of each lip2d kernel at the s2b layer (if time is left)
 # OUTDIR gets gpu_check.log (every step's output), results.json (everything
 # measured, with the device) and summary.txt, which is also printed.
 # A tool that is missing or refuses the device is reported, not fatal.
@@ -74,7 +75,7 @@ if [ "$MODE" = gpu ]; then
   step import 60 "$PY" -c "import lip_cuda; assert lip_cuda.built_with_cuda(), 'CUDA kernels not built'; print('lip_cuda with CUDA kernels')"
   TEST_SEL=(-k cuda tests)
   BENCH_ARGS=(--device cuda --batch 64 --dtypes float32,bfloat16 --layouts contiguous,channels_last)
-  BASELINES=fused,reference,compiled
+  COMPILED_CASES=("float32 channels_last" "bfloat16 channels_last" "float32 contiguous" "bfloat16 contiguous")
   TRAIN_ARGS=(--device cuda)
 else
   step import 60 "$PY" -c "import lip_cuda; print('lip_cuda, CUDA kernels:', lip_cuda.built_with_cuda())"
@@ -82,7 +83,7 @@ else
   TEST_SEL=(tests/test_kernels_emulated.py -k "float32-float32 and k3s2p1")
   BENCH_ARGS=(--device cpu --shapes s4b --batch 1 --dtypes float32 --layouts contiguous,channels_last
               --budget-ms 20 --max-reps 5)
-  BASELINES=fused,reference  # torch.compile on the CPU takes minutes
+  COMPILED_CASES=("float32 channels_last")  # torch.compile on the CPU takes minutes a layer
   TRAIN_ARGS=(--device cpu --batch 2 --size 64 --steps 2 --warmup 1)
 fi
 
@@ -90,10 +91,13 @@ for variant in generic fast; do
   step "tests_$variant" 200 env LIP_CUDA_KERNELS=$variant "$PY" -m pytest -q -p no:cacheprovider "${TEST_SEL[@]}"
 done
 
-step bench_generic 220 env LIP_CUDA_KERNELS=generic "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
-  --impls "$BASELINES" --json "$WORK/bench_generic.json"
+# fused (both variants) and eager first: seconds; torch.compile of the
+# reference later, one dtype/layout at a time, since compiling every case
+# takes minutes and a timeout should cost only what it cut.
+step bench_generic 150 env LIP_CUDA_KERNELS=generic "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+  --impls fused,reference --no-compile --json "$WORK/bench_generic.json"
 step bench_fast 100 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
-  --impls fused --json "$WORK/bench_fast.json"
+  --impls fused --no-compile --json "$WORK/bench_fast.json"
 
 for variant in fast generic; do
   step "train_bf16_cl_$variant" 90 env LIP_CUDA_KERNELS=$variant "$PY" benchmarks/bench_train.py \
@@ -111,13 +115,21 @@ if [ "$MODE" = gpu ]; then
   else
     echo "compute-sanitizer: not found" >> "$WORK/sanitizer_missing"
   fi
-  if command -v ncu > /dev/null; then
-    step ncu 90 ncu --kernel-name regex:lip_kernel_entry --metrics \
-      gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-      "$PY" benchmarks/gpu_workload.py --ncu
-  fi
 else
   step workload 120 "$PY" benchmarks/gpu_workload.py --device cpu
+fi
+
+for case in "${COMPILED_CASES[@]}"; do
+  read -r dtype layout <<< "$case"
+  step "bench_compiled_${dtype}_${layout}" 150 "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+    --dtypes "$dtype" --layouts "$layout" --impls compiled --compile \
+    --json "$WORK/bench_compiled_${dtype}_${layout}.json"
+done
+
+if [ "$MODE" = gpu ] && command -v ncu > /dev/null; then
+  step ncu 90 ncu --kernel-name regex:lip_kernel_entry --metrics \
+    gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+    "$PY" benchmarks/gpu_workload.py --ncu
 fi
 
 "$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE"

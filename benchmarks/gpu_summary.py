@@ -72,11 +72,13 @@ def load_json(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def speedup_table(generic: Optional[Dict[str, Any]], fast: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def speedup_table(runs: Dict[str, Optional[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """One row per (layer, dtype, layout): fwd+bwd medians and the fused
-    variants' speedups over eager and torch.compile of the reference."""
+    variants' speedups over eager and torch.compile of the reference.
+    runs: bench JSONs by name; a fused row counts as fused_<name> (the kernel
+    variant the run used), other impls by their own name."""
     times: Dict[tuple, Dict[str, Any]] = {}
-    for name, data in (("generic", generic), ("fast", fast)):
+    for name, data in runs.items():
         for rec in (data or {}).get("results", []):
             if rec.get("error") or rec.get("fwd_bwd_ms") is None:
                 continue
@@ -95,6 +97,35 @@ def speedup_table(generic: Optional[Dict[str, Any]], fast: Optional[Dict[str, An
                 if fused and row.get(f"{base}_ms"):
                     row[f"{variant}_vs_{base}"] = row[f"{base}_ms"] / fused
     return list(times.values())
+
+
+def target_lines(rows: List[Dict[str, Any]], train: Dict[str, Any]) -> List[str]:
+    """Each target with the worst measured case: met, MISSED, or not measured."""
+    def verdict(name: str, values: List[tuple], limit: float) -> str:
+        if not values:
+            return f"{name}: not measured"
+        worst = min(values)
+        return f"{name}: {'met' if worst[0] >= limit else 'MISSED'} (worst {worst[0]:.2f} at {worst[1]})"
+
+    def where(r: Dict[str, Any]) -> str:
+        return f"{r['layer']} {r['dtype']} {r['layout']}"
+
+    out = [verdict(">= 3x eager, every layer", [(r["fast_vs_reference"], where(r)) for r in rows
+                                                 if "fast_vs_reference" in r], 3.0),
+           verdict(">= 1.0x torch.compile, every layer", [(r["fast_vs_compiled"], where(r)) for r in rows
+                                                          if "fast_vs_compiled" in r], 1.0)]
+    largest = [r for r in rows if r["layer"] == "large" and r.get("fused_fast_copy_fraction") is not None]
+    out.append(verdict(">= 80% of copy bandwidth, largest layer",
+                       [(r["fused_fast_copy_fraction"], where(r)) for r in largest], 0.8))
+    ratios = []
+    for name, data in train.items():
+        res = (data or {}).get("results", {})
+        f_ms = res.get("fused", {}).get("step_ms_median")
+        r_ms = res.get("reference", {}).get("step_ms_median")
+        if name.endswith("_fast") and f_ms and r_ms:
+            ratios.append((r_ms / f_ms, name))
+    out.append(verdict(">= 1.15x LIP-ResNet-50 training step", ratios, 1.15))
+    return out
 
 
 def fmt(value: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
@@ -122,9 +153,11 @@ def main() -> int:
     if (work / "sanitizer_missing").exists():
         results["sanitizer"] = {tool: {"verdict": "unavailable (compute-sanitizer not found)"}
                                 for tool in results["sanitizer"]}
-    bench = {v: load_json(work / f"bench_{v}.json") for v in ("generic", "fast")}
+    bench = {p.stem[len("bench_"):]: load_json(p) for p in sorted(work.glob("bench_*.json"))}
+    bench.setdefault("generic", None)
+    bench.setdefault("fast", None)
     results["bench"] = bench
-    results["speedups"] = speedup_table(bench["generic"], bench["fast"])
+    results["speedups"] = speedup_table(bench)
     results["train"] = {p.stem: load_json(p) for p in sorted(work.glob("train_*.json"))}
     results["workload"] = log_of(work, "workload").strip().splitlines()[-1:] if args.mode == "cpu" else None
     results["ncu"] = log_of(work, "ncu")[-20000:] or None
@@ -175,6 +208,9 @@ def main() -> int:
         ratio = r_ms / f_ms if f_ms and r_ms else None
         lines.append(f"  {name}: fused {fmt(f_ms, '.1f')} ms, reference {fmt(r_ms, '.1f')} ms, "
                      f"ratio {fmt(ratio, '.2f', 'x')}")
+    lines.append("targets of the fast-kernels issue (fast variant):")
+    for line in target_lines(results["speedups"], results["train"]):
+        lines.append(f"  {line}")
     lines.append(f"verdict: {'FAILED' if failed else 'ok'}")
 
     results["verdict"] = "failed" if failed else "ok"
