@@ -532,11 +532,10 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
 }
 
 // The blocks layout only for planes up to this size (its scratch is whole
-// planes x kLanes), and only for rows shorter than one lane vector, where
-// it fills more lanes than rows would. Measured on AVX-512, one thread,
-// batch 2, forward+backward: rows are faster at 64x56x56 (3.8 vs 5.5 ms
-// float32; OW = 28), blocks at 256x28x28 (2.4 vs 2.9 ms; OW = 14) and
-// 1024x14x14 (1.9 vs 5.2 ms; OW = 7).
+// planes x kLanes), and only where it fills more lanes than rows would.
+// Measured (AVX-512, one thread, batch 2, float32 forward+backward, ms,
+// blocks vs rows): 128x56x56 3.2 vs 3.8, 64x112x112 5.8 vs 5.9 (so the
+// bigger planes stay on rows, whose scratch is a few rows).
 constexpr int64_t kMaxBlockPixels = 64 * 64;
 
 bool use_blocks(const LipGeometry& g) {
@@ -550,7 +549,7 @@ bool use_blocks(const LipGeometry& g) {
   const auto fill = [](int64_t n) {
     return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
   };
-  return g.OW < kLanes && fill(g.C) > fill(g.OW);
+  return fill(g.C) > fill(g.OW);
 }
 
 // ---- contiguous NCHW, blocks: channel blocks in lane-minor buffers ----------
@@ -559,19 +558,56 @@ struct ChannelBlock {
   int64_t n, c0, lanes;  // image, first channel, channels in use (<= kLanes)
 };
 
+// Transposes the kLanes x kLanes tile held in r[0..kLanes) in place: log2
+// kLanes stages, each swapping b x b blocks between rows i and i + b.
+inline void transpose_tile(Lanes* r) {
+  LIP_UNROLL
+  for (int b = kLanes / 2; b >= 1; b /= 2) {
+    LaneInts low, high;
+    for (int l = 0; l < kLanes; ++l) {
+      low[l] = (l & b) ? kLanes + l - b : l;
+      high[l] = (l & b) ? kLanes + l : l + b;
+    }
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) {
+      if ((i & b) == 0) {
+        const Lanes u = r[i], v = r[i + b];
+        r[i] = __builtin_shuffle(u, v, low);
+        r[i + b] = __builtin_shuffle(u, v, high);
+      }
+    }
+  }
+}
+
 // Copies planes [c0, c0 + lanes) of image n, at element offsets
 // n * n_stride + c * c_stride, `pixels` elements each, into
-// dst[pixel][kLanes] as float; unused lanes read 0. c_stride 0 (a logit
-// shared across channels) copies one plane into every lane.
+// dst[pixel][kLanes] as float; unused lanes hold copies of the last
+// channel (finite work that is never stored). c_stride 0 (a logit shared
+// across channels) copies one plane into every lane. Whole tiles of kLanes
+// pixels go through lane transposes in registers.
 template <typename src_t>
 void pack_planes(const src_t* src, int64_t n_stride, int64_t c_stride, const ChannelBlock& b,
                  int64_t pixels, float* dst) {
+  const src_t* plane[kLanes];
   for (int64_t c = 0; c < kLanes; ++c) {
-    if (c < b.lanes) {
-      const src_t* plane = src + b.n * n_stride + (b.c0 + c) * c_stride;
-      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = static_cast<float>(plane[px]);
-    } else {
-      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = 0.0f;
+    plane[c] = src + b.n * n_stride + (b.c0 + std::min(c, b.lanes - 1)) * c_stride;
+  }
+  int64_t px = 0;
+  for (; px + kLanes <= pixels; px += kLanes) {
+    Lanes r[kLanes];
+    LIP_UNROLL
+    for (int c = 0; c < kLanes; ++c) {
+      // kLanes short interleaved streams: too many for the hardware prefetcher
+      __builtin_prefetch(plane[c] + px + 4 * kLanes);
+      r[c] = load_full(plane[c] + px);
+    }
+    transpose_tile(r);
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) store(dst + (px + i) * kLanes, r[i]);
+  }
+  for (; px < pixels; ++px) {
+    for (int64_t c = 0; c < kLanes; ++c) {
+      dst[px * kLanes + c] = static_cast<float>(plane[c][px]);
     }
   }
 }
@@ -579,9 +615,20 @@ void pack_planes(const src_t* src, int64_t n_stride, int64_t c_stride, const Cha
 // The inverse of pack_planes for the lanes in use, into a dense NCHW tensor.
 template <typename dst_t>
 void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst) {
+  int64_t px = 0;
+  for (; px + kLanes <= pixels; px += kLanes) {
+    Lanes r[kLanes];
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) r[i] = load(src + (px + i) * kLanes);
+    transpose_tile(r);
+    LIP_UNROLL
+    for (int c = 0; c < kLanes; ++c) {
+      if (c < b.lanes) store_full(dst + (b.n * C + b.c0 + c) * pixels + px, r[c]);
+    }
+  }
   for (int64_t c = 0; c < b.lanes; ++c) {
     dst_t* plane = dst + (b.n * C + b.c0 + c) * pixels;
-    for (int64_t px = 0; px < pixels; ++px) plane[px] = static_cast<dst_t>(src[px * kLanes + c]);
+    for (int64_t q = px; q < pixels; ++q) plane[q] = static_cast<dst_t>(src[q * kLanes + c]);
   }
 }
 

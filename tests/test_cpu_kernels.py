@@ -90,6 +90,29 @@ def test_planes_match_oracle(case, layout, dtype, seed):
     assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
+    """rows, blocks (forced with LIP_CUDA_CPU_PLANES) and channels_last run
+    the same window arithmetic in the same order: bitwise equal results.
+    37 channels: full lane blocks and a partial one."""
+    x, logit = random_inputs((2, 37, 13, 21), dtype, "contiguous")
+    grad_out = torch.randn(2, 37, 7, 11).to(dtype)
+    results = {}
+    for planes in ("rows", "blocks"):
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
+        results[planes], kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+        assert kernel.endswith(f"planes_{planes}")
+    monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+    cl = torch.channels_last
+    results["channels_last"], kernel = fused_with_grads(
+        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, 3, 2, 1, False)
+    assert kernel.endswith("channels_last")
+    for name in ("blocks", "channels_last"):
+        for a, b in zip(results["rows"], results[name]):
+            assert torch.equal(a, b), name
+    assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_rows_shared_logit_matches_oracle(dtype, seed):
     """One logit map for all channels (and images), read without a copy."""
