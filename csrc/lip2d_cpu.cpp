@@ -347,7 +347,8 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
   column_taps(g, kw_first, kw_last);
   const int64_t q_min = floor_div(kw_first - g.pW, g.sW);
   const int64_t q_max = floor_div(kw_last - g.pW, g.sW);
-  const int64_t length = round_up(g.OW, kLanes) + q_max - q_min;
+  // whole pairs of lane chunks (see chunks below) stay inside the row
+  const int64_t length = round_up(g.OW, 2 * kLanes) + q_max - q_min;
   const int64_t row_floats = g.sW * length;
   std::vector<int64_t> tap;  // the offset of each tap in a row's phases
   for (int64_t kw = kw_first; kw <= kw_last; ++kw) {
@@ -389,28 +390,51 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
           }
         }
         const int64_t o_row = plane * g.OH * g.OW + oh * g.OW;
-        for (int64_t j0 = 0; j0 < g.OW; j0 += kLanes) {
-          Lanes m = splat(neg_inf);
+        // U lane chunks at once: independent sums hide the add latency
+        // (each output still adds its taps in the same order)
+        const auto chunks = [&](int64_t j0, auto unroll) {
+          constexpr int U = decltype(unroll)::value;
+          Lanes m[U], sum[U], weighted[U];
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) m[u] = splat(neg_inf);
           for (int64_t h = h0; h < h1; ++h) {
             const float* lr = scratch.get() + (2 * (h % ring_size) + 1) * row_floats + j0;
-            for (int64_t k = 0; k < taps; ++k) Step::max_tap(m, load(lr + tap[k]));
+            for (int64_t k = 0; k < taps; ++k) {
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) Step::max_tap(m[u], load(lr + tap[k] + u * kLanes));
+            }
           }
-          m = Step::reference_max(m);
-          Lanes sum = splat(0.0f), weighted = splat(0.0f);
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) {
+            m[u] = Step::reference_max(m[u]);
+            sum[u] = splat(0.0f);
+            weighted[u] = splat(0.0f);
+          }
           for (int64_t h = h0; h < h1; ++h) {
             const float* xr = scratch.get() + 2 * (h % ring_size) * row_floats + j0;
             const float* lr = xr + row_floats;
             for (int64_t k = 0; k < taps; ++k) {
-              Step::add_tap(load(lr + tap[k]), load(xr + tap[k]), m, sum, weighted);
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) {
+                const int64_t at = tap[k] + u * kLanes;
+                Step::add_tap(load(lr + at), load(xr + at), m[u], sum[u], weighted[u]);
+              }
             }
           }
-          Lanes y, inv;
-          Step::finish(sum, weighted, y, inv);
-          const int64_t count = std::min<int64_t>(kLanes, g.OW - j0);
-          store_lanes(out_ptr + o_row + j0, y, count);
-          store_lanes(max_ptr + o_row + j0, m, count);
-          store_lanes(inv_ptr + o_row + j0, inv, count);
-        }
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) {
+            Lanes y, inv;
+            Step::finish(sum[u], weighted[u], y, inv);
+            const int64_t j = j0 + u * kLanes;
+            const int64_t count = std::min<int64_t>(kLanes, g.OW - j);
+            store_lanes(out_ptr + o_row + j, y, count);
+            store_lanes(max_ptr + o_row + j, m[u], count);
+            store_lanes(inv_ptr + o_row + j, inv, count);
+          }
+        };
+        int64_t j0 = 0;
+        for (; j0 + kLanes < g.OW; j0 += 2 * kLanes) chunks(j0, std::integral_constant<int, 2>{});
+        if (j0 < g.OW) chunks(j0, std::integral_constant<int, 1>{});
       }
     }
   });
