@@ -457,7 +457,8 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
   // in [0, OW), checked per lane).
   int64_t kw_first, kw_last;
   column_taps(g, kw_first, kw_last);
-  const int64_t length = round_up((g.W + g.sW - 1) / g.sW, kLanes);  // per phase
+  // per phase, whole pairs of lane chunks
+  const int64_t length = round_up((g.W + g.sW - 1) / g.sW, 2 * kLanes);
   std::vector<int64_t> q_lo(g.sW), q_hi(g.sW);
   int64_t q_lo_all = 0, q_hi_all = 0;
   for (int64_t r = 0; r < g.sW; ++r) {
@@ -516,37 +517,54 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
         for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
           const int64_t columns = (g.W - r + g.sW - 1) / g.sW;
-          for (int64_t j0 = 0; j0 < columns; j0 += kLanes) {
-            const Lanes xi = load(xph + r * length + j0);
-            const Lanes li = load(lph + r * length + j0);
-            Lanes dx = splat(0.0f), dl = splat(0.0f);
+          // U lane chunks at once, as in forward_rows
+          const auto chunks = [&](int64_t j0, auto unroll) {
+            constexpr int U = decltype(unroll)::value;
+            Lanes xi[U], li[U], dx[U], dl[U];
+            LIP_UNROLL
+            for (int u = 0; u < U; ++u) {
+              xi[u] = load(xph + r * length + j0 + u * kLanes);
+              li[u] = load(lph + r * length + j0 + u * kLanes);
+              dx[u] = splat(0.0f);
+              dl[u] = splat(0.0f);
+            }
             for (int64_t oh = oh0; oh <= oh1; ++oh) {
               const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
               // ow ascending, the order of the other layouts' gathers, so
               // that the sums round the same way
               for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
-                const float* o = rows - q;
-                const Lanes go = load(o), y = load(o + out_floats);
-                const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
-                if (j0 - q >= 0 && j0 + kLanes - q <= g.OW) {
-                  Step::grad_tap(li, xi, go, y, m, inv, dx, dl);
-                } else {
-                  // Lanes without an output ow = j - q read the zero padding
-                  // (grad 0, max 0, 1 / sum 0); their logit is zeroed too,
-                  // so that the tap adds exactly 0 even for an inf or NaN
-                  // logit, which no existing window sees.
-                  const auto clamp = [](int64_t v) {
-                    return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
-                  };
-                  const cpu_math::LaneInts valid =
-                      cpu_math::lanes_between(clamp(q - j0), clamp(g.OW + q - j0));
-                  Step::grad_tap(cpu_math::select(valid, li, splat(0.0f)), xi, go, y, m, inv, dx, dl);
+                LIP_UNROLL
+                for (int u = 0; u < U; ++u) {
+                  const int64_t j = j0 + u * kLanes;
+                  const float* o = rows + u * kLanes - q;
+                  const Lanes go = load(o), y = load(o + out_floats);
+                  const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
+                  if (j - q >= 0 && j + kLanes - q <= g.OW) {
+                    Step::grad_tap(li[u], xi[u], go, y, m, inv, dx[u], dl[u]);
+                  } else {
+                    // Lanes without an output ow = j - q read the zero
+                    // padding (grad 0, max 0, 1 / sum 0); their logit is
+                    // zeroed too, so that the tap adds exactly 0 even for
+                    // an inf or NaN logit, which no existing window sees.
+                    const auto clamp = [](int64_t v) {
+                      return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
+                    };
+                    const LaneInts valid = cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
+                    Step::grad_tap(cpu_math::select(valid, li[u], splat(0.0f)), xi[u], go, y, m, inv,
+                                   dx[u], dl[u]);
+                  }
                 }
               }
             }
-            store(dxph + r * length + j0, dx);
-            store(dlph + r * length + j0, dl);
-          }
+            LIP_UNROLL
+            for (int u = 0; u < U; ++u) {
+              store(dxph + r * length + j0 + u * kLanes, dx[u]);
+              store(dlph + r * length + j0 + u * kLanes, dl[u]);
+            }
+          };
+          int64_t j0 = 0;
+          for (; j0 + kLanes < columns; j0 += 2 * kLanes) chunks(j0, std::integral_constant<int, 2>{});
+          if (j0 < columns) chunks(j0, std::integral_constant<int, 1>{});
         }
         merge_phases(dxph, g.W, g.sW, length, gx_ptr + i_row);
         merge_phases(dlph, g.W, g.sW, length, gl_ptr + i_row);
