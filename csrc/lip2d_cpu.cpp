@@ -85,7 +85,10 @@ namespace LIP_CPU_NS {
 namespace {
 
 using cpu_math::kLanes;
+using cpu_math::LaneInts;
 using cpu_math::Lanes;
+using cpu_math::load_full;
+using cpu_math::store_full;
 using cpu_math::load;
 using cpu_math::load_lanes;
 using cpu_math::splat;
@@ -160,9 +163,20 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         int64_t w0, w1;
         window_range<int64_t>(ow, g.kW, g.sW, g.pW, g.W, w0, w1);
+        // the columns the next output adds, fetched one output ahead:
+        // channels_last windows jump C elements per pixel, which the
+        // hardware prefetchers follow too late (measured: +15-25% forward)
+        const int64_t next_w0 = std::max<int64_t>(w1, 0);
+        const int64_t next_w1 = ow + 1 < g.OW ? std::min<int64_t>(w1 + g.sW, g.W) : next_w0;
         for (int64_t c0 = 0; c0 < g.C; c0 += kLanes) {
           const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
           const auto pixel = [&](int64_t h, int64_t w) { return (n * g.H + h) * g.W + w; };
+          for (int64_t h = h0; h < h1; ++h) {
+            for (int64_t w = next_w0; w < next_w1; ++w) {
+              __builtin_prefetch(x_ptr + pixel(h, w) * g.C + c0);
+              __builtin_prefetch(l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + (ls.c == 0 ? 0 : c0));
+            }
+          }
           Lanes y, m, inv;
           window_softmax(
               h0, h1, w0, w1,
@@ -241,44 +255,78 @@ inline void column_taps(const LipGeometry& g, int64_t& first, int64_t& last) {
   last = std::min<int64_t>(g.kW - 1, g.W - 1 + g.pW);
 }
 
+// Lane permutations for stride 2: the even and odd elements of two
+// vectors, and the inverse interleave (its first and second halves).
+inline LaneInts even_odd_mask(int odd) {
+  LaneInts mask;
+  for (int l = 0; l < kLanes; ++l) mask[l] = 2 * l + odd;
+  return mask;
+}
+
+inline LaneInts interleave_mask(int half) {
+  LaneInts mask;
+  for (int l = 0; l < kLanes; ++l) mask[l] = (l % 2) * kLanes + half * (kLanes / 2) + l / 2;
+  return mask;
+}
+
 // Phase r of a row holds the columns r, r + s, r + 2s, ...: element j of
 // phase r is column (j + first) * s + r. Writes `length` floats per phase
 // (phase r at dst + r * length); columns outside [0, W) read `pad`.
 template <typename T>
 void split_phases(const T* row, int64_t W, int64_t s, int64_t first, int64_t length, float pad,
                   float* dst) {
+  int64_t done = 0;  // elements of every phase already written from the front
+  const int64_t lo = std::min(std::max<int64_t>(-first, 0), length);
+  for (int64_t r = 0; r < s; ++r) {
+    for (int64_t j = 0; j < lo; ++j) dst[r * length + j] = pad;
+  }
+  if (s <= 2) {
+    // whole vectors of s * kLanes columns, all inside the row
+    const int64_t groups = std::max<int64_t>(0, std::min(W / s - (lo + first), length - lo));
+    const T* src = row + s * (lo + first);
+    int64_t j = 0;
+    if (s == 1) {
+      for (; j + kLanes <= groups; j += kLanes) store(dst + lo + j, load_full(src + j));
+    } else {
+      const LaneInts even = even_odd_mask(0), odd = even_odd_mask(1);
+      for (; j + kLanes <= groups; j += kLanes) {
+        const Lanes a = load_full(src + 2 * j), b = load_full(src + 2 * j + kLanes);
+        store(dst + lo + j, __builtin_shuffle(a, b, even));
+        store(dst + length + lo + j, __builtin_shuffle(a, b, odd));
+      }
+    }
+    done = lo + j;
+  } else {
+    done = lo;
+  }
   for (int64_t r = 0; r < s; ++r) {
     float* d = dst + r * length;
-    const int64_t columns = r < W ? (W - r + s - 1) / s : 0;  // phase r's columns in [0, W)
-    const int64_t lo = std::min(std::max<int64_t>(-first, 0), length);
-    const int64_t hi = std::min(std::max<int64_t>(columns - first, lo), length);
-    for (int64_t j = 0; j < lo; ++j) d[j] = pad;
-    const T* src = row + (lo + first) * s + r;
-    const int64_t n = hi - lo;
-    if (s == 1) {
-      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[j]);
-    } else if (s == 2) {
-      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[2 * j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) d[lo + j] = static_cast<float>(src[j * s]);
+    for (int64_t j = done; j < length; ++j) {
+      const int64_t column = (j + first) * s + r;  // >= 0 from lo on
+      d[j] = column < W ? static_cast<float>(row[column]) : pad;
     }
-    for (int64_t j = hi; j < length; ++j) d[j] = pad;
   }
 }
 
 // Inverse of split_phases (first = 0) for the columns in [0, W).
 template <typename T>
 void merge_phases(const float* src, int64_t W, int64_t s, int64_t length, T* row) {
-  for (int64_t r = 0; r < s && r < W; ++r) {
-    const float* p = src + r * length;
-    const int64_t columns = (W - r + s - 1) / s;
-    T* dst = row + r;
-    if (s == 1) {
-      for (int64_t j = 0; j < columns; ++j) dst[j] = static_cast<T>(p[j]);
-    } else if (s == 2) {
-      for (int64_t j = 0; j < columns; ++j) dst[2 * j] = static_cast<T>(p[j]);
-    } else {
-      for (int64_t j = 0; j < columns; ++j) dst[j * s] = static_cast<T>(p[j]);
+  int64_t done = 0;  // columns written
+  if (s == 1) {
+    for (; done + kLanes <= W; done += kLanes) store_full(row + done, load(src + done));
+  } else if (s == 2) {
+    const LaneInts first_half = interleave_mask(0), second_half = interleave_mask(1);
+    for (int64_t j = 0; 2 * (j + kLanes) <= W; j += kLanes) {
+      const Lanes even = load(src + j), odd = load(src + length + j);
+      store_full(row + 2 * j, __builtin_shuffle(even, odd, first_half));
+      store_full(row + 2 * j + kLanes, __builtin_shuffle(even, odd, second_half));
+      done = 2 * (j + kLanes);
+    }
+  }
+  for (int64_t r = 0; r < s; ++r) {
+    int64_t j = done > r ? (done - r + s - 1) / s : 0;
+    for (int64_t column = j * s + r; column < W; column += s, ++j) {
+      row[column] = static_cast<T>(src[r * length + j]);
     }
   }
 }
@@ -299,7 +347,8 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
   column_taps(g, kw_first, kw_last);
   const int64_t q_min = floor_div(kw_first - g.pW, g.sW);
   const int64_t q_max = floor_div(kw_last - g.pW, g.sW);
-  const int64_t length = round_up(g.OW, kLanes) + q_max - q_min;
+  // whole pairs of lane chunks (see chunks below) stay inside the row
+  const int64_t length = round_up(g.OW, 2 * kLanes) + q_max - q_min;
   const int64_t row_floats = g.sW * length;
   std::vector<int64_t> tap;  // the offset of each tap in a row's phases
   for (int64_t kw = kw_first; kw <= kw_last; ++kw) {
@@ -341,28 +390,51 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
           }
         }
         const int64_t o_row = plane * g.OH * g.OW + oh * g.OW;
-        for (int64_t j0 = 0; j0 < g.OW; j0 += kLanes) {
-          Lanes m = splat(neg_inf);
+        // U lane chunks at once: independent sums hide the add latency
+        // (each output still adds its taps in the same order)
+        const auto chunks = [&](int64_t j0, auto unroll) {
+          constexpr int U = decltype(unroll)::value;
+          Lanes m[U], sum[U], weighted[U];
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) m[u] = splat(neg_inf);
           for (int64_t h = h0; h < h1; ++h) {
             const float* lr = scratch.get() + (2 * (h % ring_size) + 1) * row_floats + j0;
-            for (int64_t k = 0; k < taps; ++k) Step::max_tap(m, load(lr + tap[k]));
+            for (int64_t k = 0; k < taps; ++k) {
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) Step::max_tap(m[u], load(lr + tap[k] + u * kLanes));
+            }
           }
-          m = Step::reference_max(m);
-          Lanes sum = splat(0.0f), weighted = splat(0.0f);
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) {
+            m[u] = Step::reference_max(m[u]);
+            sum[u] = splat(0.0f);
+            weighted[u] = splat(0.0f);
+          }
           for (int64_t h = h0; h < h1; ++h) {
             const float* xr = scratch.get() + 2 * (h % ring_size) * row_floats + j0;
             const float* lr = xr + row_floats;
             for (int64_t k = 0; k < taps; ++k) {
-              Step::add_tap(load(lr + tap[k]), load(xr + tap[k]), m, sum, weighted);
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) {
+                const int64_t at = tap[k] + u * kLanes;
+                Step::add_tap(load(lr + at), load(xr + at), m[u], sum[u], weighted[u]);
+              }
             }
           }
-          Lanes y, inv;
-          Step::finish(sum, weighted, y, inv);
-          const int64_t count = std::min<int64_t>(kLanes, g.OW - j0);
-          store_lanes(out_ptr + o_row + j0, y, count);
-          store_lanes(max_ptr + o_row + j0, m, count);
-          store_lanes(inv_ptr + o_row + j0, inv, count);
-        }
+          LIP_UNROLL
+          for (int u = 0; u < U; ++u) {
+            Lanes y, inv;
+            Step::finish(sum[u], weighted[u], y, inv);
+            const int64_t j = j0 + u * kLanes;
+            const int64_t count = std::min<int64_t>(kLanes, g.OW - j);
+            store_lanes(out_ptr + o_row + j, y, count);
+            store_lanes(max_ptr + o_row + j, m[u], count);
+            store_lanes(inv_ptr + o_row + j, inv, count);
+          }
+        };
+        int64_t j0 = 0;
+        for (; j0 + kLanes < g.OW; j0 += 2 * kLanes) chunks(j0, std::integral_constant<int, 2>{});
+        if (j0 < g.OW) chunks(j0, std::integral_constant<int, 1>{});
       }
     }
   });
@@ -385,7 +457,8 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
   // in [0, OW), checked per lane).
   int64_t kw_first, kw_last;
   column_taps(g, kw_first, kw_last);
-  const int64_t length = round_up((g.W + g.sW - 1) / g.sW, kLanes);  // per phase
+  // per phase, whole pairs of lane chunks
+  const int64_t length = round_up((g.W + g.sW - 1) / g.sW, 2 * kLanes);
   std::vector<int64_t> q_lo(g.sW), q_hi(g.sW);
   int64_t q_lo_all = 0, q_hi_all = 0;
   for (int64_t r = 0; r < g.sW; ++r) {
@@ -444,37 +517,54 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
         for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
           const int64_t columns = (g.W - r + g.sW - 1) / g.sW;
-          for (int64_t j0 = 0; j0 < columns; j0 += kLanes) {
-            const Lanes xi = load(xph + r * length + j0);
-            const Lanes li = load(lph + r * length + j0);
-            Lanes dx = splat(0.0f), dl = splat(0.0f);
+          // U lane chunks at once, as in forward_rows
+          const auto chunks = [&](int64_t j0, auto unroll) {
+            constexpr int U = decltype(unroll)::value;
+            Lanes xi[U], li[U], dx[U], dl[U];
+            LIP_UNROLL
+            for (int u = 0; u < U; ++u) {
+              xi[u] = load(xph + r * length + j0 + u * kLanes);
+              li[u] = load(lph + r * length + j0 + u * kLanes);
+              dx[u] = splat(0.0f);
+              dl[u] = splat(0.0f);
+            }
             for (int64_t oh = oh0; oh <= oh1; ++oh) {
               const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
               // ow ascending, the order of the other layouts' gathers, so
               // that the sums round the same way
               for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
-                const float* o = rows - q;
-                const Lanes go = load(o), y = load(o + out_floats);
-                const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
-                if (j0 - q >= 0 && j0 + kLanes - q <= g.OW) {
-                  Step::grad_tap(li, xi, go, y, m, inv, dx, dl);
-                } else {
-                  // Lanes without an output ow = j - q read the zero padding
-                  // (grad 0, max 0, 1 / sum 0); their logit is zeroed too,
-                  // so that the tap adds exactly 0 even for an inf or NaN
-                  // logit, which no existing window sees.
-                  const auto clamp = [](int64_t v) {
-                    return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
-                  };
-                  const cpu_math::LaneInts valid =
-                      cpu_math::lanes_between(clamp(q - j0), clamp(g.OW + q - j0));
-                  Step::grad_tap(cpu_math::select(valid, li, splat(0.0f)), xi, go, y, m, inv, dx, dl);
+                LIP_UNROLL
+                for (int u = 0; u < U; ++u) {
+                  const int64_t j = j0 + u * kLanes;
+                  const float* o = rows + u * kLanes - q;
+                  const Lanes go = load(o), y = load(o + out_floats);
+                  const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
+                  if (j - q >= 0 && j + kLanes - q <= g.OW) {
+                    Step::grad_tap(li[u], xi[u], go, y, m, inv, dx[u], dl[u]);
+                  } else {
+                    // Lanes without an output ow = j - q read the zero
+                    // padding (grad 0, max 0, 1 / sum 0); their logit is
+                    // zeroed too, so that the tap adds exactly 0 even for
+                    // an inf or NaN logit, which no existing window sees.
+                    const auto clamp = [](int64_t v) {
+                      return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
+                    };
+                    const LaneInts valid = cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
+                    Step::grad_tap(cpu_math::select(valid, li[u], splat(0.0f)), xi[u], go, y, m, inv,
+                                   dx[u], dl[u]);
+                  }
                 }
               }
             }
-            store(dxph + r * length + j0, dx);
-            store(dlph + r * length + j0, dl);
-          }
+            LIP_UNROLL
+            for (int u = 0; u < U; ++u) {
+              store(dxph + r * length + j0 + u * kLanes, dx[u]);
+              store(dlph + r * length + j0 + u * kLanes, dl[u]);
+            }
+          };
+          int64_t j0 = 0;
+          for (; j0 + kLanes < columns; j0 += 2 * kLanes) chunks(j0, std::integral_constant<int, 2>{});
+          if (j0 < columns) chunks(j0, std::integral_constant<int, 1>{});
         }
         merge_phases(dxph, g.W, g.sW, length, gx_ptr + i_row);
         merge_phases(dlph, g.W, g.sW, length, gl_ptr + i_row);
@@ -485,10 +575,19 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
 
 // The blocks layout only for planes up to this size (its scratch is whole
 // planes x kLanes), and only where it fills more lanes than rows would.
+// Measured (AVX-512, one thread, batch 2, float32 forward+backward, ms,
+// blocks vs rows): 128x56x56 3.2 vs 3.8, 64x112x112 5.8 vs 5.9 (so the
+// bigger planes stay on rows, whose scratch is a few rows).
 constexpr int64_t kMaxBlockPixels = 64 * 64;
 
 bool use_blocks(const LipGeometry& g) {
   if (g.H * g.W > kMaxBlockPixels) return false;
+  // Tests and benchmarks may ask for one (the rows one always works).
+  if (const char* env = std::getenv("LIP_CUDA_CPU_PLANES")) {
+    const std::string value(env);
+    if (value == "rows") return false;
+    if (value == "blocks") return true;
+  }
   const auto fill = [](int64_t n) {
     return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
   };
@@ -501,19 +600,56 @@ struct ChannelBlock {
   int64_t n, c0, lanes;  // image, first channel, channels in use (<= kLanes)
 };
 
+// Transposes the kLanes x kLanes tile held in r[0..kLanes) in place: log2
+// kLanes stages, each swapping b x b blocks between rows i and i + b.
+inline void transpose_tile(Lanes* r) {
+  LIP_UNROLL
+  for (int b = kLanes / 2; b >= 1; b /= 2) {
+    LaneInts low, high;
+    for (int l = 0; l < kLanes; ++l) {
+      low[l] = (l & b) ? kLanes + l - b : l;
+      high[l] = (l & b) ? kLanes + l : l + b;
+    }
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) {
+      if ((i & b) == 0) {
+        const Lanes u = r[i], v = r[i + b];
+        r[i] = __builtin_shuffle(u, v, low);
+        r[i + b] = __builtin_shuffle(u, v, high);
+      }
+    }
+  }
+}
+
 // Copies planes [c0, c0 + lanes) of image n, at element offsets
 // n * n_stride + c * c_stride, `pixels` elements each, into
-// dst[pixel][kLanes] as float; unused lanes read 0. c_stride 0 (a logit
-// shared across channels) copies one plane into every lane.
+// dst[pixel][kLanes] as float; unused lanes hold copies of the last
+// channel (finite work that is never stored). c_stride 0 (a logit shared
+// across channels) copies one plane into every lane. Whole tiles of kLanes
+// pixels go through lane transposes in registers.
 template <typename src_t>
 void pack_planes(const src_t* src, int64_t n_stride, int64_t c_stride, const ChannelBlock& b,
                  int64_t pixels, float* dst) {
+  const src_t* plane[kLanes];
   for (int64_t c = 0; c < kLanes; ++c) {
-    if (c < b.lanes) {
-      const src_t* plane = src + b.n * n_stride + (b.c0 + c) * c_stride;
-      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = static_cast<float>(plane[px]);
-    } else {
-      for (int64_t px = 0; px < pixels; ++px) dst[px * kLanes + c] = 0.0f;
+    plane[c] = src + b.n * n_stride + (b.c0 + std::min(c, b.lanes - 1)) * c_stride;
+  }
+  int64_t px = 0;
+  for (; px + kLanes <= pixels; px += kLanes) {
+    Lanes r[kLanes];
+    LIP_UNROLL
+    for (int c = 0; c < kLanes; ++c) {
+      // kLanes short interleaved streams: too many for the hardware prefetcher
+      __builtin_prefetch(plane[c] + px + 4 * kLanes);
+      r[c] = load_full(plane[c] + px);
+    }
+    transpose_tile(r);
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) store(dst + (px + i) * kLanes, r[i]);
+  }
+  for (; px < pixels; ++px) {
+    for (int64_t c = 0; c < kLanes; ++c) {
+      dst[px * kLanes + c] = static_cast<float>(plane[c][px]);
     }
   }
 }
@@ -521,9 +657,20 @@ void pack_planes(const src_t* src, int64_t n_stride, int64_t c_stride, const Cha
 // The inverse of pack_planes for the lanes in use, into a dense NCHW tensor.
 template <typename dst_t>
 void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst) {
+  int64_t px = 0;
+  for (; px + kLanes <= pixels; px += kLanes) {
+    Lanes r[kLanes];
+    LIP_UNROLL
+    for (int i = 0; i < kLanes; ++i) r[i] = load(src + (px + i) * kLanes);
+    transpose_tile(r);
+    LIP_UNROLL
+    for (int c = 0; c < kLanes; ++c) {
+      if (c < b.lanes) store_full(dst + (b.n * C + b.c0 + c) * pixels + px, r[c]);
+    }
+  }
   for (int64_t c = 0; c < b.lanes; ++c) {
     dst_t* plane = dst + (b.n * C + b.c0 + c) * pixels;
-    for (int64_t px = 0; px < pixels; ++px) plane[px] = static_cast<dst_t>(src[px * kLanes + c]);
+    for (int64_t q = px; q < pixels; ++q) plane[q] = static_cast<dst_t>(src[q * kLanes + c]);
   }
 }
 

@@ -13,6 +13,8 @@
 """
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,29 @@ def test_planes_match_oracle(case, layout, dtype, seed):
     # one channel: channels_last is also contiguous, and runs as such
     expected = f"planes_{path}" if x.is_contiguous() else "channels_last"
     assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
+    """rows, blocks (forced with LIP_CUDA_CPU_PLANES) and channels_last run
+    the same window arithmetic in the same order: bitwise equal results.
+    37 channels: full lane blocks and a partial one."""
+    x, logit = random_inputs((2, 37, 13, 21), dtype, "contiguous")
+    grad_out = torch.randn(2, 37, 7, 11).to(dtype)
+    results = {}
+    for planes in ("rows", "blocks"):
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
+        results[planes], kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+        assert kernel.endswith(f"planes_{planes}")
+    monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+    cl = torch.channels_last
+    results["channels_last"], kernel = fused_with_grads(
+        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, 3, 2, 1, False)
+    assert kernel.endswith("channels_last")
+    for name in ("blocks", "channels_last"):
+        for a, b in zip(results["rows"], results[name]):
+            assert torch.equal(a, b), name
+    assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -263,6 +288,39 @@ def test_isa_forced_at_process_start(tmp_path, seed):
     y, kernel = torch.load(tmp_path / "out.pt")
     assert kernel == "cpu_default_planes_rows"
     torch.testing.assert_close(y, lip_cuda.lip2d(x, logit), rtol=2e-6, atol=2e-6)
+
+
+def test_only_the_isa_namespaces_use_avx():
+    """The build must run on any x86-64 CPU: outside the cpu_avx2 and
+    cpu_avx512 namespaces (which run only after the capability check), the
+    extension holds no VEX/EVEX (AVX) instruction; -march flags or an ISA
+    pragma leaking into shared inline code would put them there."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86-64 only")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("needs objdump (binutils)")
+    library = lip_cuda._extension._C.__file__
+    listing = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", library], capture_output=True,
+                             text=True, check=True).stdout
+    function, offenders, avx512_in_namespace = "", {}, 0
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+            continue
+        if "\t" not in line:
+            continue
+        instruction = line.split("\t")[-1]
+        uses_avx = re.match(r"v[a-z0-9]+\s", instruction) is not None or re.search(r"%[yz]mm", instruction)
+        if not uses_avx:
+            continue
+        if "cpu_avx2" in function or "cpu_avx512" in function:
+            avx512_in_namespace += "%zmm" in instruction and "cpu_avx512" in function
+        else:
+            offenders[function] = offenders.get(function, 0) + 1
+    assert not offenders, list(offenders.items())[:5]
+    assert avx512_in_namespace > 0  # the AVX-512 build is there
 
 
 def test_unknown_isa_is_a_clear_error(monkeypatch):
