@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 #include <string>
 
 #include "lip_kernels.h"
@@ -79,6 +80,11 @@ LipGeometry check_inputs(const Tensor& x, const Tensor& logit, IntArrayRef kerne
   TORCH_CHECK(k[0] > 0 && k[1] > 0, "lip2d: expected kernel_size to be positive, but got ",
               kernel_size);
   TORCH_CHECK(s[0] > 0 && s[1] > 0, "lip2d: expected stride to be positive, but got ", stride);
+  // bounds that keep the output-size arithmetic far from int64 overflow
+  constexpr int64_t kMaxWindow = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(k[0] <= kMaxWindow && k[1] <= kMaxWindow && s[0] <= kMaxWindow && s[1] <= kMaxWindow,
+              "lip2d: expected kernel_size and stride to be at most ", kMaxWindow, ", but got kernel_size ",
+              kernel_size, " and stride ", stride);
   TORCH_CHECK(p[0] >= 0 && p[1] >= 0 && p[0] <= k[0] / 2 && p[1] <= k[1] / 2,
               "lip2d: expected padding to be non-negative and at most half the kernel size, "
               "but got padding ", padding, " with kernel_size ", kernel_size);

@@ -435,6 +435,8 @@ def _bad_calls():
         ("neg stride", lambda: lip_cuda.lip2d(x, l, 3, (2, -1), 1), RuntimeError, r"stride to be positive"),
         ("zero kernel", lambda: lip_cuda.lip2d(x, l, 0, 1, 0), RuntimeError, r"kernel_size to be positive"),
         ("kernel too big", lambda: lip_cuda.lip2d(x, l, 11, 1, 1), RuntimeError, r"output would be empty"),
+        ("kernel huge", lambda: lip_cuda.lip2d(x, l, 2**63 - 1, 1, 2**62 - 1), RuntimeError,
+         r"kernel_size and stride to be at most 2147483647"),
         ("kernel triple", lambda: lip_cuda.lip2d(x, l, (3, 3, 3)), ValueError, r"kernel_size to be an int or a pair"),
         ("no channels", lambda: lip_cuda.lip2d(x[:, :0], l[:, :0]), RuntimeError, r"C, H and W of x to be non-zero"),
         ("op int logit", lambda: ops.lip2d_forward(x, l.int(), [3, 3], [2, 2], [1, 1], False),
