@@ -6,9 +6,15 @@ call each thread's function (csrc/lip_kernel_threads.h) in a loop over the
 grid. So these tests check the CUDA index math, vector loads, fallbacks and
 window math in every dtype pair, layout, variant and offset width, on a
 machine without a GPU, against the independent float64 oracle.
+
+Where a GPU is visible, every test also runs the real CUDA kernels
+(backend "cuda", LIP_CUDA_KERNELS set to the variant), so the same cases
+check the device code; 64-bit offsets cannot be forced there
+(test_lip2d.py::test_cuda_over_2_31_elements_index_correctly covers them).
 """
-import itertools
 import random
+
+import os
 
 import pytest
 import torch
@@ -17,6 +23,12 @@ from lip_oracle import oracle_with_grads
 import lip_cuda  # noqa: F401  (registers the operators)
 
 ops = torch.ops.lip_cuda
+BACKENDS = ["emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
 
 # (x dtype, logit dtype): the pairs with kernels of their own
 DTYPE_PAIRS = [
@@ -51,14 +63,34 @@ def make_case(shape, pair, layout, logit_shape=None, logit_high=12.0):
     return x, logit
 
 
-def poison(numel, dtype):
-    block = torch.full((numel * 2 + 64,), float("nan"), dtype=dtype)
+def poison(numel, dtype, device="cpu"):
+    block = torch.full((numel * 2 + 64,), float("nan"), dtype=dtype, device=device)
     del block
 
 
-def run_emulated(x, logit, grad_out, k, s, p, ceil, variant, force_int64):
+def run_emulated(x, logit, grad_out, k, s, p, ceil, variant, force_int64, backend="emulated"):
+    """Forward then backward through the emulated (or, backend "cuda", the
+    real) CUDA kernels; results on the CPU, with the kernels' names."""
     args = ([k, k] if isinstance(k, int) else list(k), [s, s] if isinstance(s, int) else list(s),
             [p, p] if isinstance(p, int) else list(p), ceil)
+    if backend == "cuda":
+        assert not force_int64
+        previous = os.environ.get("LIP_CUDA_KERNELS")
+        os.environ["LIP_CUDA_KERNELS"] = variant
+        try:
+            x, logit, grad_out = x.cuda(), logit.cuda(), grad_out.cuda()
+            poison(x.numel(), x.dtype, "cuda")
+            out, wmax, inv = ops.lip2d_forward(x, logit, *args)
+            forward_kernel = ops._lip2d_last_kernel()
+            poison(x.numel(), x.dtype, "cuda")
+            gx, gl = ops.lip2d_backward(grad_out, x, logit, out, wmax, inv, *args)
+            backward_kernel = ops._lip2d_last_kernel()
+        finally:
+            if previous is None:
+                del os.environ["LIP_CUDA_KERNELS"]
+            else:
+                os.environ["LIP_CUDA_KERNELS"] = previous
+        return out.cpu(), gx.cpu(), gl.cpu(), forward_kernel, backward_kernel
     poison(x.numel(), x.dtype)
     out, wmax, inv = ops._lip2d_forward_emulated(x, logit, *args, variant, force_int64)
     forward_kernel = ops._lip2d_last_kernel()
@@ -93,9 +125,16 @@ CASES = [
 ]
 
 
+def case_id(c):
+    backend, ((k, s, p), layout, variant, force) = c
+    return f"{backend}-k{k}s{s}p{p}-{layout}-{variant}{'-int64' if force else ''}"
+
+
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[0][0]}s{c[0][1]}p{c[0][2]}-{c[1]}-{c[2]}{'-int64' if c[3] else ''}")
-def test_emulated_kernels_match_oracle(case, pair, seed):
+@pytest.mark.parametrize("backend_case", [(b, c) for b in BACKENDS for c in CASES if not (b == "cuda" and c[3])],
+                         ids=case_id)
+def test_emulated_kernels_match_oracle(backend_case, pair, seed):
+    backend, case = backend_case
     (k, s, p), layout, variant, force_int64 = case
     rng = random.Random(seed)
     ceil = rng.random() < 0.5
@@ -105,7 +144,7 @@ def test_emulated_kernels_match_oracle(case, pair, seed):
     x, logit = make_case(shape, pair, layout)
     out_shape = torch.nn.functional.avg_pool2d(x.double(), k, s, p, ceil_mode=ceil).shape
     grad_out = torch.randn(out_shape, dtype=torch.float64).to(pair[0])
-    out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, variant, force_int64)
+    out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, variant, force_int64, backend)
     if variant == "fast":
         expected = "fast_channels_last" if layout == "channels_last" else "fast_planes"
     else:
@@ -118,20 +157,20 @@ def test_emulated_kernels_match_oracle(case, pair, seed):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("logit_n,logit_c", [(1, 1), (2, 1), (1, 16)])
 @pytest.mark.parametrize("variant", ["generic", "fast"])
-def test_emulated_shared_logits(variant, logit_n, logit_c, layout, pair, seed):
+def test_emulated_shared_logits(variant, logit_n, logit_c, layout, pair, backend, seed):
     """A logit shared across the batch and/or the channels is read in place
     (stride 0 in the kernels) and its gradient is reduced to its shape."""
     shape = (2, 16, 9, 10)
     x, logit = make_case(shape, pair, layout, logit_shape=(logit_n, logit_c, 9, 10))
     grad_out = torch.randn(2, 16, 5, 5, dtype=torch.float64).to(pair[0])
-    out, gx, gl, fk, _ = run_emulated(x, logit, grad_out, 3, 2, 1, False, variant, False)
+    out, gx, gl, fk, _ = run_emulated(x, logit, grad_out, 3, 2, 1, False, variant, False, backend)
     assert fk.startswith(variant)
     check_against_oracle(x, logit, grad_out, out, gx, gl, 3, 2, 1, False)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("variant", ["generic", "fast"])
-def test_emulated_generic_geometries(variant, layout, seed):
+def test_emulated_generic_geometries(variant, layout, backend, seed):
     """Geometries without a fast kernel fall back to generic under 'fast'."""
     rng = random.Random(seed)
     for _ in range(6):
@@ -145,20 +184,20 @@ def test_emulated_generic_geometries(variant, layout, seed):
         x, logit = make_case(shape, DTYPE_PAIRS[0], layout)
         out_shape = torch.nn.functional.avg_pool2d(x, k, s, p, ceil_mode=ceil).shape
         grad_out = torch.randn(out_shape)
-        out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, variant, False)
+        out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, variant, False, backend)
         assert fk == bk == "generic_int32"
         check_against_oracle(x, logit, grad_out, out, gx, gl, k, s, p, ceil)
 
 
 @pytest.mark.parametrize("pair", [DTYPE_PAIRS[0], DTYPE_PAIRS[2]], ids=pair_id)
-def test_emulated_fast_falls_back_without_vectors(pair, seed):
+def test_emulated_fast_falls_back_without_vectors(pair, backend, seed):
     """channels_last fast kernels need whole 16-byte channel vectors and
     aligned pointers; otherwise generic runs, and the result is the same."""
     v = VECTOR[pair[0]]
     # channels not a multiple of the vector width
     x, logit = make_case((2, v + 1, 7, 9), pair, "channels_last")
     grad_out = torch.randn(2, v + 1, 4, 5).to(pair[0])
-    out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, 3, 2, 1, False, "fast", False)
+    out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, 3, 2, 1, False, "fast", False, backend)
     assert fk == bk == "generic_int32"
     check_against_oracle(x, logit, grad_out, out, gx, gl, 3, 2, 1, False)
     # a view starting one element into its storage: misaligned
@@ -167,14 +206,18 @@ def test_emulated_fast_falls_back_without_vectors(pair, seed):
     assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
     logit = make_case((2, v, 7, 9), pair, "channels_last")[1]
     grad_out = torch.randn(2, v, 4, 5).to(pair[0])
-    out, gx, gl, fk, _ = run_emulated(x, logit, grad_out, 3, 2, 1, False, "fast", False)
+    x_run = x
+    if backend == "cuda":  # the same misaligned view, in device memory
+        x_run = storage.cuda()[1:].view(2, 7, 9, v).permute(0, 3, 1, 2)
+        assert x_run.data_ptr() % 16 != 0
+    out, gx, gl, fk, _ = run_emulated(x_run, logit, grad_out, 3, 2, 1, False, "fast", False, backend)
     assert fk == "generic_int32"
     check_against_oracle(x, logit, grad_out, out, gx, gl, 3, 2, 1, False)
 
 
 @pytest.mark.parametrize("variant", ["generic", "fast"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_emulated_masking_and_spread(variant, layout, seed):
+def test_emulated_masking_and_spread(variant, layout, backend, seed):
     """-inf logits (masked, with inf/NaN x behind them), fully masked windows
     and logits spread over hundreds: the kernels' exact window math."""
     x, logit = make_case((2, 8, 9, 11), DTYPE_PAIRS[0], layout, logit_high=400.0)
@@ -184,7 +227,7 @@ def test_emulated_masking_and_spread(variant, layout, seed):
     x_masked = x.masked_fill(mask & (torch.rand(x.shape) < 0.5), float("inf"))
     x_masked = x_masked.masked_fill(mask & (torch.rand(x.shape) < 0.3), float("nan"))
     grad_out = torch.randn(2, 8, 5, 6)
-    out, gx, gl, _, _ = run_emulated(x_masked, logit, grad_out, 3, 2, 1, False, variant, False)
+    out, gx, gl, _, _ = run_emulated(x_masked, logit, grad_out, 3, 2, 1, False, variant, False, backend)
     y_ref, gx_ref, gl_ref = oracle_with_grads(x.masked_fill(mask, 0.0), logit, grad_out, 3, 2, 1)
     empty = torch.isnan(y_ref)  # windows with no unmasked logit
     assert empty.any()
