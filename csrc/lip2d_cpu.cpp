@@ -145,6 +145,44 @@ inline Lanes load_logit_lanes(const l_t* logit, const LogitStrides& ls, int64_t 
 
 // ---- channels_last: lanes straight from the tensors ------------------------
 
+// A full 3x3 window of NB neighbouring lane blocks (channels c0 + b kLanes),
+// unrolled: the same taps in the same order as window_softmax, so the
+// results are bitwise those of the general loop. Each logit is loaded (and
+// converted) once for both passes, and the NB blocks' independent max and
+// sum chains overlap; the general loop is latency bound on one chain.
+template <int NB, typename x_t, typename l_t>
+inline void window3x3(const x_t* px, const l_t* pl, int64_t x_row, int64_t x_col, int64_t l_row,
+                      int64_t l_col, Lanes* y, Lanes* m, Lanes* inv) {
+  Lanes lg[NB][9];
+  LIP_UNROLL
+  for (int t = 0; t < 9; ++t) {
+    LIP_UNROLL
+    for (int b = 0; b < NB; ++b) {
+      lg[b][t] = load_full(pl + (t / 3) * l_row + (t % 3) * l_col + b * kLanes);
+    }
+  }
+  Lanes sum[NB], weighted[NB];
+  LIP_UNROLL
+  for (int b = 0; b < NB; ++b) {
+    m[b] = splat(-std::numeric_limits<float>::infinity());
+    LIP_UNROLL
+    for (int t = 0; t < 9; ++t) Step::max_tap(m[b], lg[b][t]);
+    m[b] = Step::reference_max(m[b]);
+    sum[b] = splat(0.0f);
+    weighted[b] = splat(0.0f);
+  }
+  LIP_UNROLL
+  for (int t = 0; t < 9; ++t) {
+    LIP_UNROLL
+    for (int b = 0; b < NB; ++b) {
+      Step::add_tap(lg[b][t], load_full(px + (t / 3) * x_row + (t % 3) * x_col + b * kLanes), m[b],
+                    sum[b], weighted[b]);
+    }
+  }
+  LIP_UNROLL
+  for (int b = 0; b < NB; ++b) Step::finish(sum[b], weighted[b], y[b], inv[b]);
+}
+
 template <typename x_t, typename l_t>
 void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
   const LipGeometry& g = cg.g;
@@ -168,14 +206,37 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
         // hardware prefetchers follow too late (measured: +15-25% forward)
         const int64_t next_w0 = std::max<int64_t>(w1, 0);
         const int64_t next_w1 = ow + 1 < g.OW ? std::min<int64_t>(w1 + g.sW, g.W) : next_w0;
-        for (int64_t c0 = 0; c0 < g.C; c0 += kLanes) {
+        const bool full = g.kH == 3 && g.kW == 3 && h1 - h0 == 3 && w1 - w0 == 3 && ls.c != 0;
+        for (int64_t c0 = 0; c0 < g.C;) {
           const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
           const auto pixel = [&](int64_t h, int64_t w) { return (n * g.H + h) * g.W + w; };
+          const int64_t blocks = full && c0 + 2 * kLanes <= g.C ? 2 : 1;
           for (int64_t h = h0; h < h1; ++h) {
             for (int64_t w = next_w0; w < next_w1; ++w) {
-              __builtin_prefetch(x_ptr + pixel(h, w) * g.C + c0);
-              __builtin_prefetch(l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + (ls.c == 0 ? 0 : c0));
+              for (int64_t b = 0; b < blocks; ++b) {
+                __builtin_prefetch(x_ptr + pixel(h, w) * g.C + c0 + b * kLanes);
+                __builtin_prefetch(l_ptr + n * ls.n + (h * g.W + w) * ls.pixel +
+                                   (ls.c == 0 ? 0 : c0 + b * kLanes));
+              }
             }
+          }
+          if (full && count == kLanes) {
+            const x_t* px = x_ptr + pixel(h0, w0) * g.C + c0;
+            const l_t* pl = l_ptr + n * ls.n + (h0 * g.W + w0) * ls.pixel + c0;
+            const int64_t o = ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
+            Lanes y[2], m[2], inv[2];
+            if (blocks == 2) {
+              window3x3<2>(px, pl, g.W * g.C, g.C, g.W * ls.pixel, ls.pixel, y, m, inv);
+            } else {
+              window3x3<1>(px, pl, g.W * g.C, g.C, g.W * ls.pixel, ls.pixel, y, m, inv);
+            }
+            for (int64_t b = 0; b < blocks; ++b) {
+              store_full(out_ptr + o + b * kLanes, y[b]);
+              store_full(max_ptr + o + b * kLanes, m[b]);
+              store_full(inv_ptr + o + b * kLanes, inv[b]);
+            }
+            c0 += blocks * kLanes;
+            continue;
           }
           Lanes y, m, inv;
           window_softmax(
@@ -189,6 +250,7 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
           store_lanes(out_ptr + o, y, count);
           store_lanes(max_ptr + o, m, count);
           store_lanes(inv_ptr + o, inv, count);
+          c0 += kLanes;
         }
       }
     }

@@ -115,6 +115,30 @@ def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
     assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("channels", [16, 48, 53])
+def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch, seed):
+    """channels_last runs full 3x3 windows through an unrolled path (one or
+    two lane blocks at a time, the rest through the general loop): bitwise
+    the rows kernel's results, masked (-inf) logits included, for 16 (one
+    block), 48 (two + one) and 53 channels (two + one + partial)."""
+    x, logit = random_inputs((2, channels, 11, 14), dtype, "contiguous")
+    logit[0, :, 2:5, 3:6] = -float("inf")  # one output's whole window
+    logit[1, ::3, 4, :] = -float("inf")
+    grad_out = torch.randn(2, channels, 6, 7).to(dtype)
+    monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "rows")
+    rows, kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+    assert kernel.endswith("planes_rows")
+    monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+    cl = torch.channels_last
+    got, kernel = fused_with_grads(
+        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, 3, 2, 1, False)
+    assert kernel.endswith("channels_last")
+    for a, b in zip(rows, got):
+        assert torch.equal(a, b)
+    assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_rows_shared_logit_matches_oracle(dtype, seed):
     """One logit map for all channels (and images), read without a copy."""
