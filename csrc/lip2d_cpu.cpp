@@ -257,6 +257,40 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
   });
 }
 
+// Both gradients of NB neighbouring lane blocks of one input pixel over its
+// NOH x NOW covering outputs, unrolled: the grad_tap order of gather_grads
+// (bitwise equal), with the NB blocks' independent chains overlapping.
+template <int NOH, int NOW, int NB, typename x_t, typename l_t>
+inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_t* yo,
+                           const float* mo, const float* invo, int64_t o_row, int64_t o_col,
+                           x_t* gx, l_t* gl) {
+  Lanes xv[NB], lv[NB], dx[NB], dl[NB];
+  LIP_UNROLL
+  for (int b = 0; b < NB; ++b) {
+    xv[b] = load_full(xi + b * kLanes);
+    lv[b] = load_full(li + b * kLanes);
+    dx[b] = splat(0.0f);
+    dl[b] = splat(0.0f);
+  }
+  LIP_UNROLL
+  for (int a = 0; a < NOH; ++a) {
+    LIP_UNROLL
+    for (int c = 0; c < NOW; ++c) {
+      LIP_UNROLL
+      for (int b = 0; b < NB; ++b) {
+        const int64_t off = a * o_row + c * o_col + b * kLanes;
+        Step::grad_tap(lv[b], xv[b], load_full(go + off), load_full(yo + off), load(mo + off),
+                       load(invo + off), dx[b], dl[b]);
+      }
+    }
+  }
+  LIP_UNROLL
+  for (int b = 0; b < NB; ++b) {
+    store_full(gx + b * kLanes, dx[b]);
+    store_full(gl + b * kLanes, dl[b]);
+  }
+}
+
 template <typename x_t, typename l_t>
 void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
   const LipGeometry& g = cg.g;
@@ -278,9 +312,36 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
       for (int64_t w = 0; w < g.W; ++w) {
         int64_t ow0, ow1;
         covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
-        for (int64_t c0 = 0; c0 < g.C; c0 += kLanes) {
+        const int64_t noh = oh1 - oh0 + 1, now = ow1 - ow0 + 1;
+        const bool unrolled = noh >= 1 && noh <= 2 && now >= 1 && now <= 2 && ls.c != 0;
+        for (int64_t c0 = 0; c0 < g.C;) {
           const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
           const int64_t i = ((n * g.H + h) * g.W + w) * g.C + c0;
+          if (unrolled && count == kLanes) {
+            const int64_t blocks = c0 + 2 * kLanes <= g.C ? 2 : 1;
+            const x_t* xi = x_ptr + i;
+            const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + c0;
+            const int64_t o = ((n * g.OH + oh0) * g.OW + ow0) * g.C + c0;
+            const int64_t o_row = g.OW * g.C;
+            const int64_t o_col = g.C;
+#define LIP_GRADS(NOH, NOW, NB)                                                                   \
+  grads_unrolled<NOH, NOW, NB>(xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o, o_row, o_col, \
+                               gx_ptr + i, gl_ptr + i)
+            const int key = static_cast<int>((noh - 1) * 4 + (now - 1) * 2 + (blocks - 1));
+            switch (key) {
+              case 0: LIP_GRADS(1, 1, 1); break;
+              case 1: LIP_GRADS(1, 1, 2); break;
+              case 2: LIP_GRADS(1, 2, 1); break;
+              case 3: LIP_GRADS(1, 2, 2); break;
+              case 4: LIP_GRADS(2, 1, 1); break;
+              case 5: LIP_GRADS(2, 1, 2); break;
+              case 6: LIP_GRADS(2, 2, 1); break;
+              default: LIP_GRADS(2, 2, 2); break;
+            }
+#undef LIP_GRADS
+            c0 += blocks * kLanes;
+            continue;
+          }
           Lanes dx, dl;
           gather_grads(
               oh0, oh1, ow0, ow1, load_lanes(x_ptr + i, count),
@@ -295,6 +356,7 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
               dx, dl);
           store_lanes(gx_ptr + i, dx, count);
           store_lanes(gl_ptr + i, dl, count);
+          c0 += kLanes;
         }
       }
     }

@@ -118,8 +118,9 @@ def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels", [16, 48, 53])
 def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch, seed):
-    """channels_last runs full 3x3 windows through an unrolled path (one or
-    two lane blocks at a time, the rest through the general loop): bitwise
+    """channels_last runs full 3x3 windows (forward) and inputs covered by at
+    most 2x2 outputs (backward) through unrolled paths (one or two lane
+    blocks at a time, the rest through the general loops): bitwise
     the rows kernel's results, masked (-inf) logits included, for 16 (one
     block), 48 (two + one) and 53 channels (two + one + partial)."""
     x, logit = random_inputs((2, channels, 11, 14), dtype, "contiguous")
