@@ -116,13 +116,14 @@ def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("channels", [16, 48, 53])
+@pytest.mark.parametrize("channels", [16, 48, 85])
 def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch, seed):
     """channels_last runs full 3x3 windows (forward) and inputs covered by at
     most 2x2 outputs (backward) through unrolled paths (one or two lane
-    blocks at a time, the rest through the general loops): bitwise
-    the rows kernel's results, masked (-inf) logits included, for 16 (one
-    block), 48 (two + one) and 53 channels (two + one + partial)."""
+    blocks forward, one or four backward, the rest through the general
+    loops): bitwise the rows kernel's results, masked (-inf) logits
+    included, for 16 (one block), 48 and 85 channels (full blocks of 16 plus
+    a partial one at 85)."""
     x, logit = random_inputs((2, channels, 11, 14), dtype, "contiguous")
     logit[0, :, 2:5, 3:6] = -float("inf")  # one output's whole window
     logit[1, ::3, 4, :] = -float("inf")
