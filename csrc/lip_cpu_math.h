@@ -15,6 +15,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if LIP_CPU_ISA >= 1
+#include <immintrin.h>
+#endif
+
 #if !defined(LIP_CPU_ISA) || !defined(LIP_CPU_NS)
 #error "define LIP_CPU_ISA (0 default, 1 AVX2, 2 AVX-512) and LIP_CPU_NS before including"
 #endif
@@ -64,7 +68,17 @@ inline LaneInts lanes_between(int32_t lo, int32_t hi) {
 
 // max(a, b) that ignores NaN in b (a is the running max, so a NaN logit
 // does not become the max; its exp poisons the sums instead).
-inline Lanes max_lanes(Lanes a, Lanes b) { return select(b > a, b, a); }
+// MAXPS(b, a) is exactly b > a ? b : a (NaN and equal zeros give its second
+// operand): one instruction instead of a compare and a blend.
+inline Lanes max_lanes(Lanes a, Lanes b) {
+#if LIP_CPU_ISA == 2
+  return reinterpret_cast<Lanes>(_mm512_max_ps(reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
+#elif LIP_CPU_ISA == 1
+  return reinterpret_cast<Lanes>(_mm256_max_ps(reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(a)));
+#else
+  return select(b > a, b, a);
+#endif
+}
 
 // exp(v) for v <= 0 (a logit minus its window max), as the window step
 // needs it: exactly 0 below the normal float range and at -inf, so a masked
