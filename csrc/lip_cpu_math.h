@@ -50,6 +50,11 @@ inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
 // mask ? a : b, lane by lane, as bit operations: GCC scalarises the vector
 // ?: on targets without a blend instruction.
 inline Lanes select(LaneInts mask, Lanes a, Lanes b) {
+#if LIP_CPU_ISA >= 1
+  // AVX2 and AVX-512 have blends: one masked move (or a zeroing masked op)
+  // instead of the two or three bit operations GCC keeps below.
+  return mask ? a : b;
+#endif
   LaneInts a_bits, b_bits;
   std::memcpy(&a_bits, &a, sizeof(a));
   std::memcpy(&b_bits, &b, sizeof(b));
@@ -72,7 +77,10 @@ inline LaneInts lanes_between(int32_t lo, int32_t hi) {
 // operand): one instruction instead of a compare and a blend.
 inline Lanes max_lanes(Lanes a, Lanes b) {
 #if LIP_CPU_ISA == 2
-  return reinterpret_cast<Lanes>(_mm512_max_ps(reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
+  // the zero-masked form: the plain one starts from an "undefined" register
+  // that GCC then warns may be used uninitialised
+  return reinterpret_cast<Lanes>(
+      _mm512_maskz_max_ps(0xFFFF, reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
 #elif LIP_CPU_ISA == 1
   return reinterpret_cast<Lanes>(_mm256_max_ps(reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(a)));
 #else
