@@ -145,20 +145,22 @@ inline Lanes load_logit_lanes(const l_t* logit, const LogitStrides& ls, int64_t 
 
 // ---- channels_last: lanes straight from the tensors ------------------------
 
-// A full 3x3 window of NB neighbouring lane blocks (channels c0 + b kLanes),
-// unrolled: the same taps in the same order as window_softmax, so the
+// A KH x KW window (2 or 3 taps each way: full 3x3 windows and those
+// clipped at the edges) of NB neighbouring lane blocks (channels
+// c0 + b kLanes), unrolled: the same taps in the same order as window_softmax, so the
 // results are bitwise those of the general loop. Each logit is loaded (and
 // converted) once for both passes, and the NB blocks' independent max and
 // sum chains overlap; the general loop is latency bound on one chain.
-template <int NB, typename x_t, typename l_t>
-inline void window3x3(const x_t* px, const l_t* pl, int64_t x_row, int64_t x_col, int64_t l_row,
+template <int KH, int KW, int NB, typename x_t, typename l_t>
+inline void window_unrolled(const x_t* px, const l_t* pl, int64_t x_row, int64_t x_col, int64_t l_row,
                       int64_t l_col, Lanes* y, Lanes* m, Lanes* inv) {
-  Lanes lg[NB][9];
+  constexpr int kTaps = KH * KW;
+  Lanes lg[NB][kTaps];
   LIP_UNROLL
-  for (int t = 0; t < 9; ++t) {
+  for (int t = 0; t < kTaps; ++t) {
     LIP_UNROLL
     for (int b = 0; b < NB; ++b) {
-      lg[b][t] = load_full(pl + (t / 3) * l_row + (t % 3) * l_col + b * kLanes);
+      lg[b][t] = load_full(pl + (t / KW) * l_row + (t % KW) * l_col + b * kLanes);
     }
   }
   Lanes sum[NB], weighted[NB];
@@ -166,16 +168,16 @@ inline void window3x3(const x_t* px, const l_t* pl, int64_t x_row, int64_t x_col
   for (int b = 0; b < NB; ++b) {
     m[b] = splat(-std::numeric_limits<float>::infinity());
     LIP_UNROLL
-    for (int t = 0; t < 9; ++t) Step::max_tap(m[b], lg[b][t]);
+    for (int t = 0; t < kTaps; ++t) Step::max_tap(m[b], lg[b][t]);
     m[b] = Step::reference_max(m[b]);
     sum[b] = splat(0.0f);
     weighted[b] = splat(0.0f);
   }
   LIP_UNROLL
-  for (int t = 0; t < 9; ++t) {
+  for (int t = 0; t < kTaps; ++t) {
     LIP_UNROLL
     for (int b = 0; b < NB; ++b) {
-      Step::add_tap(lg[b][t], load_full(px + (t / 3) * x_row + (t % 3) * x_col + b * kLanes), m[b],
+      Step::add_tap(lg[b][t], load_full(px + (t / KW) * x_row + (t % KW) * x_col + b * kLanes), m[b],
                     sum[b], weighted[b]);
     }
   }
@@ -206,7 +208,8 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
         // hardware prefetchers follow too late (measured: +15-25% forward)
         const int64_t next_w0 = std::max<int64_t>(w1, 0);
         const int64_t next_w1 = ow + 1 < g.OW ? std::min<int64_t>(w1 + g.sW, g.W) : next_w0;
-        const bool full = g.kH == 3 && g.kW == 3 && h1 - h0 == 3 && w1 - w0 == 3 && ls.c != 0;
+        const int64_t kh = h1 - h0, kw = w1 - w0;
+        const bool full = kh >= 2 && kh <= 3 && kw >= 2 && kw <= 3 && ls.c != 0;
         for (int64_t c0 = 0; c0 < g.C;) {
           const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
           const auto pixel = [&](int64_t h, int64_t w) { return (n * g.H + h) * g.W + w; };
@@ -225,11 +228,19 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
             const l_t* pl = l_ptr + n * ls.n + (h0 * g.W + w0) * ls.pixel + c0;
             const int64_t o = ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
             Lanes y[2], m[2], inv[2];
-            if (blocks == 2) {
-              window3x3<2>(px, pl, g.W * g.C, g.C, g.W * ls.pixel, ls.pixel, y, m, inv);
-            } else {
-              window3x3<1>(px, pl, g.W * g.C, g.C, g.W * ls.pixel, ls.pixel, y, m, inv);
+#define LIP_WINDOW(KH, KW, NB) \
+  window_unrolled<KH, KW, NB>(px, pl, g.W * g.C, g.C, g.W * ls.pixel, ls.pixel, y, m, inv)
+            switch ((kh - 2) * 4 + (kw - 2) * 2 + (blocks - 1)) {
+              case 0: LIP_WINDOW(2, 2, 1); break;
+              case 1: LIP_WINDOW(2, 2, 2); break;
+              case 2: LIP_WINDOW(2, 3, 1); break;
+              case 3: LIP_WINDOW(2, 3, 2); break;
+              case 4: LIP_WINDOW(3, 2, 1); break;
+              case 5: LIP_WINDOW(3, 2, 2); break;
+              case 6: LIP_WINDOW(3, 3, 1); break;
+              default: LIP_WINDOW(3, 3, 2); break;
             }
+#undef LIP_WINDOW
             for (int64_t b = 0; b < blocks; ++b) {
               store_full(out_ptr + o + b * kLanes, y[b]);
               store_full(max_ptr + o + b * kLanes, m[b]);

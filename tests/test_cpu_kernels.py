@@ -118,7 +118,8 @@ def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels", [16, 48, 85])
 def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch, seed):
-    """channels_last runs full 3x3 windows (forward) and inputs covered by at
+    """channels_last runs 2..3 x 2..3 windows (forward: full 3x3 ones and
+    those clipped at the edges) and inputs covered by at
     most 2x2 outputs (backward) through unrolled paths (one or two lane
     blocks forward, one or four backward, the rest through the general
     loops): bitwise the rows kernel's results, masked (-inf) logits
