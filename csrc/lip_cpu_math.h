@@ -124,6 +124,7 @@ inline Lanes exp_lanes(Lanes v) {
 // scalar versions are ScalarMath there).
 struct LaneMath {
   using value = Lanes;
+  static Lanes splat(float v) { return cpu_math::splat(v); }
   static Lanes max(Lanes a, Lanes b) { return max_lanes(a, b); }
   static Lanes exp_nonpositive(Lanes v) { return exp_lanes(v); }
   static Lanes zero_where_zero(Lanes a, Lanes b) { return select(a == splat(0.0f), splat(0.0f), b); }
@@ -134,6 +135,15 @@ struct LaneMath {
   static Lanes quotient_or_zero(Lanes a, Lanes s) {
     return select(s == splat(0.0f), splat(0.0f), a / s);
   }
+  static bool any_below(Lanes a, Lanes bound) {
+    const LaneInts below = a < bound;
+    LaneInts none{};
+    return std::memcmp(&below, &none, sizeof(below)) != 0;
+  }
+  static Lanes select_below(Lanes a, Lanes bound, Lanes if_below, Lanes otherwise) {
+    return select(a < bound, if_below, otherwise);
+  }
+  static bool same_bits(Lanes a, Lanes b) { return std::memcmp(&a, &b, sizeof(a)) == 0; }
 };
 
 }  // namespace cpu_math

@@ -116,6 +116,14 @@ struct ScalarMath {
   static LIP_HOST_DEVICE T finite_or_zero(T m) { return m == -INFINITY ? T(0) : m; }
   static LIP_HOST_DEVICE T reciprocal_or_zero(T s) { return s == T(0) ? T(0) : T(1) / s; }
   static LIP_HOST_DEVICE T quotient_or_zero(T a, T s) { return s == T(0) ? T(0) : a / s; }
+  static LIP_HOST_DEVICE bool any_below(T a, T bound) { return a < bound; }
+  // a < bound ? if_below : otherwise
+  static LIP_HOST_DEVICE T select_below(T a, T bound, T if_below, T otherwise) {
+    return a < bound ? if_below : otherwise;
+  }
+  static LIP_HOST_DEVICE bool same_bits(T a, T b) {
+    return a == b || (a != a && b != b);  // NaN: never a saved reference
+  }
 };
 
 // ---- the stable window step, written once --------------------------------
@@ -128,6 +136,10 @@ struct ScalarMath {
 // x (even inf or NaN). A window whose logits are all -inf has no weight: its
 // output is 0, as are its gradients (the reference formula gives 0/0 there).
 // A NaN logit makes its windows NaN; +inf logits give NaN like the reference.
+// exp(-20) (float): the weight sum relative to a tile's max below which a
+// window is recomputed relative to its own max (WindowStep, tile form).
+constexpr float kTileMinWeightSum = 2.0611537e-9f;
+
 template <typename Math>
 struct WindowStep {
   using V = typename Math::value;
@@ -154,10 +166,66 @@ struct WindowStep {
   // dx_i += g_o p,  dl_i += g_o p (x_i - y_o).
   static LIP_HOST_DEVICE void grad_tap(V logit, V x, V grad_out, V y, V m, V inv_weight_sum,
                                        V& dx, V& dl) {
-    const V p = Math::exp_nonpositive(logit - m) * inv_weight_sum;
+    grad_tap_weighted(Math::exp_nonpositive(logit - m), x, grad_out, y, inv_weight_sum, dx, dl);
+  }
+
+  // grad_tap with e = exp(l_i - m_o) already at hand.
+  static LIP_HOST_DEVICE void grad_tap_weighted(V e, V x, V grad_out, V y, V inv_weight_sum,
+                                                V& dx, V& dl) {
+    const V p = e * inv_weight_sum;
     const V gp = grad_out * p;
     dx += gp;
     dl += Math::zero_where_zero(p, gp * (x - y));
+  }
+
+  // ---- the tile form: one exp per input (docs/kernels.md) ----------------
+  //
+  // The outputs of a tile (the CPU kernels: a strip of output rows of one
+  // plane) weigh their taps relative to one reference M, the tile's max
+  // logit, instead of each window's own max. Each input's weight
+  // exp(l_i - M) is then computed once per tile and summed by every window
+  // holding it: the same terms as add_tap's, in the same order, when
+  // M = m_o. A window whose own max is far below M (weight sum below
+  // kTileMinWeightSum, about exp(-20), or 0 when fully masked) loses
+  // precision that way and is recomputed relative to its own max.
+
+  static LIP_HOST_DEVICE void tile_weight(V logit, V x, V tile_max, V& e, V& ex) {
+    e = Math::exp_nonpositive(logit - tile_max);
+    ex = Math::zero_where_zero(e, e * x);
+  }
+
+  static LIP_HOST_DEVICE void add_weight(V e, V ex, V& weight_sum, V& weighted_sum) {
+    weight_sum += e;
+    weighted_sum += ex;
+  }
+
+  // Whether some window (lane) of weight_sum needs its own max.
+  static LIP_HOST_DEVICE bool needs_window_max(V weight_sum) {
+    return Math::any_below(weight_sum, Math::splat(kTileMinWeightSum));
+  }
+
+  // Takes the window-max results (y_w, m_w, inv_w, from max_tap / add_tap /
+  // finish) for the windows that need them; the others keep the tile's.
+  static LIP_HOST_DEVICE void use_window_max(V weight_sum, V y_w, V m_w, V inv_w, V& y, V& reference,
+                                             V& inv_weight_sum) {
+    const V bound = Math::splat(kTileMinWeightSum);
+    y = Math::select_below(weight_sum, bound, y_w, y);
+    reference = Math::select_below(weight_sum, bound, m_w, reference);
+    inv_weight_sum = Math::select_below(weight_sum, bound, inv_w, inv_weight_sum);
+  }
+
+  // Backward with references shared across a tile: exp(l_i - m_o) for one
+  // covering output, computed only when m_o's bits differ from the last
+  // reference seen (cached_m, cached_e; have_cached false at the first
+  // output). Bitwise what grad_tap computes, with one exp per input instead
+  // of one per (input, output) wherever the covering outputs share M.
+  static LIP_HOST_DEVICE V cached_weight(V logit, V m, bool& have_cached, V& cached_m, V& cached_e) {
+    if (!have_cached || !Math::same_bits(m, cached_m)) {
+      cached_e = Math::exp_nonpositive(logit - m);
+      cached_m = m;
+      have_cached = true;
+    }
+    return cached_e;
   }
 };
 
