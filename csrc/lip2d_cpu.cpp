@@ -166,6 +166,11 @@ struct Strip {
   int64_t h0, h1;    // the input rows of their windows, [h0, h1)
 };
 
+// Whether windows overlap, so that the tile form saves exps. Where they do
+// not (kernel <= stride: each input in at most one window) every output
+// takes its own window max, which also keeps a 1x1 window's y exactly x.
+inline bool tile_form_pays(const LipGeometry& g) { return g.kH > g.sH || g.kW > g.sW; }
+
 inline int64_t strip_count(const LipGeometry& g) { return (g.OH + kStripRows - 1) / kStripRows; }
 
 inline Strip strip_at(const LipGeometry& g, int64_t s) {
@@ -274,9 +279,12 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
                    float* scratch) {
   const int64_t blocks = d.blocks;
   const bool full = d.last_count == kLanes && !d.logit_shared;
+  // Without the tile form every window sum below is 0 and every output
+  // takes the window-max path.
+  const bool tile = tile_form_pays(g);
   Lanes tile_max[kMaxStripBlocks];
   for (int64_t b = 0; b < blocks; ++b) tile_max[b] = splat(-std::numeric_limits<float>::infinity());
-  for (int64_t h = st.h0; h < st.h1; ++h) {
+  for (int64_t h = st.h0; h < (tile ? st.h1 : st.h0); ++h) {
     if (full && blocks == kMaxStripBlocks) {
       const l_t* lp = d.logit + h * d.l_row;
       const x_t* xp = d.x + h * d.x_row;
@@ -334,7 +342,7 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
       float* ex = ex_ring + slot * row;
       e_rows[h - h0] = e;
       ex_rows[h - h0] = ex;
-      if (ring_row[slot] == h) continue;
+      if (ring_row[slot] == h || !tile) continue;
       ring_row[slot] = h;
       if (full) {
         const x_t* xp = d.x + h * d.x_row;
@@ -371,10 +379,13 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
       }
     }
     for (int64_t b = 0; b < blocks; ++b) {
+      // lanes past the channels (zeros) must not ask for the window max
+      const bool partial = d.count(b) < kLanes;
+      const LaneInts in_use = cpu_math::lanes_between(0, static_cast<int32_t>(d.count(b)));
       const auto finish = [&](int64_t ow, int64_t w0, int64_t w1, Lanes sum, Lanes weighted) {
         Lanes y, inv, reference = tile_max[b];
         Step::finish(sum, weighted, y, inv);
-        if (Step::needs_window_max(sum)) {
+        if (Step::needs_window_max(partial ? cpu_math::select(in_use, sum, splat(1.0f)) : sum)) {
           Lanes y_w, m_w, inv_w;
           window_softmax(
               h0, h1, w0, w1, [&](int64_t h, int64_t w) { return d.logit_at(h, w, b); },
@@ -387,7 +398,10 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
         int64_t w0, w1;
         window_range<int64_t>(ow, g.kW, g.sW, g.pW, g.W, w0, w1);
         const int64_t offset = w0 * pixel + b * kLanes;
-        if (ow >= ow_lo && ow + kWindowsAtOnce <= ow_hi) {
+        if (!tile) {
+          finish(ow, w0, w1, splat(0.0f), splat(0.0f));
+          ++ow;
+        } else if (ow >= ow_lo && ow + kWindowsAtOnce <= ow_hi) {
           Lanes sum[kWindowsAtOnce], weighted[kWindowsAtOnce];
           tile_sums<kWindowsAtOnce>(e_rows.data(), ex_rows.data(), offset, h1 - h0, g.kW, pixel,
                                     g.sW, sum, weighted);
@@ -700,6 +714,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
       round_up(std::min(std::max<int64_t>(kTaskElements / g.OW, 1), g.OH), kStripRows);
   const int64_t tasks_per_plane = (g.OH + task_rows - 1) / task_rows;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const bool tile = tile_form_pays(g);  // else all sums 0: window maxima throughout
   at::parallel_for(0, g.N * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
     // A ring of the last kH input rows, split into phases: x, logit, and
     // their tile-form weights e and e x relative to the strip's max.
@@ -726,7 +741,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
       Lanes tile_max = splat(0.0f);
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
         const int64_t s = oh / kStripRows;
-        if (oh == oh_begin || oh == s * kStripRows) {
+        if (tile && (oh == oh_begin || oh == s * kStripRows)) {
           // the strip's max logit, as max_tap takes it in the other layouts
           st = strip_at(g, s);
           Lanes m_lanes = splat(neg_inf);
@@ -754,7 +769,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
               split_phases(x_plane + h * g.W, g.W, g.sW, q_min, length, 0.0f, xr);
               split_phases(l_plane + h * g.W, g.W, g.sW, q_min, length, neg_inf, lr);
             }
-            for (int64_t j = 0; j < row_floats; j += kLanes) {
+            for (int64_t j = 0; j < (tile ? row_floats : 0); j += kLanes) {
               const int64_t count = std::min<int64_t>(kLanes, row_floats - j);
               Lanes ev, exv;
               Step::tile_weight(load_lanes(lr + j, count), load_lanes(xr + j, count), tile_max, ev,
@@ -777,7 +792,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
             sum[u] = splat(0.0f);
             weighted[u] = splat(0.0f);
           }
-          for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t h = h0; h < (tile ? h1 : h0); ++h) {
             const float* er = slot_data(h % ring_size, 2) + j0;
             const float* exr = slot_data(h % ring_size, 3) + j0;
             for (int64_t k = 0; k < taps; ++k) {
@@ -790,9 +805,17 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
           }
           LIP_UNROLL
           for (int u = 0; u < U; ++u) {
+            const int64_t j = j0 + u * kLanes;
+            const int64_t count = std::min<int64_t>(kLanes, g.OW - j);
             Lanes y, inv, reference = tile_max;
             Step::finish(sum[u], weighted[u], y, inv);
-            if (Step::needs_window_max(sum[u])) {
+            // lanes past the row's end (no output) must not ask for the window max
+            const Lanes check =
+                count < kLanes
+                    ? cpu_math::select(cpu_math::lanes_between(0, static_cast<int32_t>(count)), sum[u],
+                                       splat(1.0f))
+                    : sum[u];
+            if (Step::needs_window_max(tile ? check : sum[u])) {
               // window maxima, as window_softmax takes them
               Lanes m = splat(neg_inf);
               for (int64_t h = h0; h < h1; ++h) {
@@ -811,8 +834,6 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
               Step::finish(s_w, weighted_w, y_w, inv_w);
               Step::use_window_max(sum[u], y_w, m, inv_w, y, reference, inv);
             }
-            const int64_t j = j0 + u * kLanes;
-            const int64_t count = std::min<int64_t>(kLanes, g.OW - j);
             store_lanes(out_ptr + o_row + j, y, count);
             store_lanes(max_ptr + o_row + j, reference, count);
             store_lanes(inv_ptr + o_row + j, inv, count);

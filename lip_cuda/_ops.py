@@ -5,8 +5,12 @@ Operators (schemas in csrc/lip2d.cpp):
 
 * ``lip2d_forward(x, logit, kernel_size, stride, padding, ceil_mode)
   -> (out, window_max, inv_weight_sum)``: the pooled output (x's dtype) and,
-  per output, its window's max logit and ``1 / sum exp(logit - max)``
-  (float32; float64 for float64 x), which backward needs.
+  per output, a reference logit ``r`` and ``1 / sum exp(logit - r)`` over its
+  window (float32; float64 for float64 x), which backward needs: the
+  window's softmax weights are ``exp(logit - r) * inv_weight_sum``. ``r`` is
+  the window's max logit (CUDA kernels, float64), or on the CPU the max
+  over the window's strip of 4 output rows, shared by those windows so that
+  each input needs one exp (docs/kernels.md, "One exp per input").
 * ``lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, ...)
   -> (grad_x, grad_logit)``: grad_x in x's shape and dtype, grad_logit in
   the logit's (which may be shared across N and/or C: size 1 there).

@@ -91,9 +91,12 @@ def _window_span(x: Any, dim: int, k: int, s: int, p: int, ceil_mode: bool) -> A
 def _auxiliary_outputs(window_max: Any, weight_sum: Any, out: Any, aux_dtype: ir.DataType) -> Tuple[Any, ...]:
     """The operator's outputs after ``out``, from each window's max logit and sum of exp(l - max).
 
-    Schema ``(Tensor out, Tensor window_max, Tensor inv_weight_sum)``: the
-    window's max logit (0 when all its logits are -inf; window_max arrives
-    here with that 0 already) and 1 / sum exp(l - max) (0 for such windows).
+    Schema ``(Tensor out, Tensor window_max, Tensor inv_weight_sum)``: a
+    reference logit per output and 1 / sum exp(l - reference) (0 for a
+    window whose logits are all -inf). The graph takes each window's max
+    (0 for such windows; window_max arrives here with that 0 already); the
+    CPU kernels may take a larger reference shared by many windows, which
+    gives the same softmax weights exp(l - reference) * inv.
     Inference graphs do not use these (the exporter's optimiser drops them);
     they exist to match the schema. This is the one place to change when the
     schema does.

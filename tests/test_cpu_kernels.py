@@ -204,6 +204,74 @@ def test_rows_large_logits_at_row_edges(offset, seed):
         assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, k, s, p, False), torch.float32)
 
 
+CPU_LAYOUTS = [("contiguous", "rows"), ("contiguous", "blocks"), ("channels_last", None)]
+
+
+def run_layout(x, logit, grad_out, k, s, p, layout, planes, monkeypatch):
+    """fused_with_grads in one CPU layout (planes forces rows or blocks)."""
+    if planes is None:
+        monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
+    else:
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    got, kernel = fused_with_grads(x, logit, grad_out, k, s, p, False)
+    assert kernel.endswith(planes or "channels_last"), kernel
+    return got
+
+
+@pytest.mark.parametrize("layout,planes", CPU_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_tile_form_windows_far_below_the_strip_max(layout, planes, dtype, monkeypatch, seed):
+    """The CPU forward weighs a strip's taps relative to the strip's max
+    logit (one exp per input); a window whose own max is far below it is
+    recomputed relative to its own max. Here each 2x2 block of outputs has
+    its logits shifted by its own offset, from 0 down to -400 (beyond
+    exp's float range), across the fallback threshold (exp(-20)) and
+    within every strip: every window must still give the oracle's
+    results, as the window-max form does."""
+    shape = (2, 19, 24, 26)
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    offsets = torch.tensor([0.0, -12.0, -19.0, -21.0, -25.0, -45.0, -70.0, -90.0, -150.0, -400.0],
+                           dtype=torch.float64)
+    # one offset per 4x4 input block, drawn per (image, channel)
+    pick = torch.randint(len(offsets), (2, 19, 6, 7))
+    shift = offsets[pick].repeat_interleave(4, 2).repeat_interleave(4, 3)[:, :, :24, :26]
+    logit = (torch.rand(shape, dtype=torch.float64) * 3 + shift).to(dtype)
+    grad_out = torch.randn(2, 19, 12, 13).to(dtype)
+    got = run_layout(x, logit, grad_out, 3, 2, 1, layout, planes, monkeypatch)
+    assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
+    # and where the whole strip sits far below zero
+    got = run_layout(x, logit - 300, grad_out, 3, 2, 1, layout, planes, monkeypatch)
+    assert_matches_oracle(got, oracle_with_grads(x, logit - 300, grad_out, 3, 2, 1), dtype)
+
+
+@pytest.mark.parametrize("layout,planes", CPU_LAYOUTS)
+def test_tile_form_references_are_strip_maxima(layout, planes, monkeypatch, seed):
+    """For logits within a few units of each other the forward's saved
+    reference (the op's window_max output) is, per channel, the max logit
+    over the input rows of the output's strip of 4 rows: the tile form is
+    what runs, not only its fallback. With kernel <= stride (no window
+    overlap, nothing to save) every output keeps its own window max."""
+    if planes is None:
+        monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
+    else:
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
+    x = torch.randn(2, 21, 23, 18)
+    logit = torch.rand(2, 21, 23, 18) * 5
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    _, reference, _ = ops.lip2d_forward(x, logit, [3, 3], [2, 2], [1, 1], False)
+    assert reference.shape == (2, 21, 12, 9)
+    for strip in range(3):
+        oh0, oh1 = 4 * strip, min(12, 4 * strip + 4)
+        h0, h1 = max(2 * oh0 - 1, 0), min(2 * (oh1 - 1) + 2, 23)
+        want = logit[:, :, h0:h1, :].amax(dim=(2, 3), keepdim=True)
+        assert torch.equal(reference[:, :, oh0:oh1], want.expand(2, 21, oh1 - oh0, 9))
+    _, reference, _ = ops.lip2d_forward(x, logit, [2, 2], [2, 2], [0, 0], False)
+    assert torch.equal(reference, torch.nn.functional.max_pool2d(logit, 2, 2))
+
+
 _MEMORY_SCRIPT = r"""
 import json, resource, sys, torch, lip_cuda
 torch.set_num_threads(2)
