@@ -724,6 +724,13 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
     };
     // the (input row, strip) each slot holds
     std::vector<int64_t> ring_row(ring_size, -1), ring_strip(ring_size, -1);
+    // the input row whose x and logit phases each slot holds: split only
+    // where a window needs its own max (or without the tile form)
+    std::vector<int64_t> split(ring_size, -1);
+    // one row's weights before the split
+    std::unique_ptr<float[]> row_weights(new float[2 * round_up(g.W, kLanes)]);
+    float* const e_row = row_weights.get();
+    float* const ex_row = e_row + round_up(g.W, kLanes);
     int64_t ring_plane = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / tasks_per_plane;
@@ -731,10 +738,20 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
       const int64_t c = plane % g.C;
       if (plane != ring_plane) {
         std::fill(ring_row.begin(), ring_row.end(), -1);
+        std::fill(split.begin(), split.end(), -1);
         ring_plane = plane;
       }
       const x_t* x_plane = x_ptr + plane * g.H * g.W;
       const l_t* l_plane = l_ptr + n * ls.n + c * ls.c;
+      const auto split_row = [&](int64_t h) {
+        const int64_t slot = h % ring_size;
+        if (split[slot] != h) {
+          // padding columns: logit -inf (no weight), x 0
+          split_phases(x_plane + h * g.W, g.W, g.sW, q_min, length, 0.0f, slot_data(slot, 0));
+          split_phases(l_plane + h * g.W, g.W, g.sW, q_min, length, neg_inf, slot_data(slot, 1));
+          split[slot] = h;
+        }
+      };
       const int64_t oh_begin = (task % tasks_per_plane) * task_rows;
       const int64_t oh_end = std::min(g.OH, oh_begin + task_rows);
       Strip st{};
@@ -759,24 +776,35 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
         window_range<int64_t>(oh, g.kH, g.sH, g.pH, g.H, h0, h1);
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t slot = h % ring_size;
-          if (ring_row[slot] != h || ring_strip[slot] != s) {
-            float* xr = slot_data(slot, 0);
-            float* lr = slot_data(slot, 1);
-            float* er = slot_data(slot, 2);
-            float* exr = slot_data(slot, 3);
-            if (ring_row[slot] != h) {
-              // padding columns: logit -inf (no weight), x 0
-              split_phases(x_plane + h * g.W, g.W, g.sW, q_min, length, 0.0f, xr);
-              split_phases(l_plane + h * g.W, g.W, g.sW, q_min, length, neg_inf, lr);
-            }
-            for (int64_t j = 0; j < (tile ? row_floats : 0); j += kLanes) {
-              const int64_t count = std::min<int64_t>(kLanes, row_floats - j);
+          if (!tile) {
+            split_row(h);
+          } else if (ring_row[slot] != h || ring_strip[slot] != s) {
+            // the weights of the row as it lies in memory, then split like
+            // x (padding columns weigh 0)
+            const x_t* xs = x_plane + h * g.W;
+            const l_t* ls_row = l_plane + h * g.W;
+            int64_t w = 0;
+            const bool ahead = h + 2 < g.H;
+            for (; w + kLanes <= g.W; w += kLanes) {
+              if (ahead) {
+                // the rows two ahead (the next output row's at stride 2)
+                __builtin_prefetch(xs + 2 * g.W + w);
+                __builtin_prefetch(ls_row + 2 * g.W + w);
+              }
               Lanes ev, exv;
-              Step::tile_weight(load_lanes(lr + j, count), load_lanes(xr + j, count), tile_max, ev,
-                                exv);
-              store_lanes(er + j, ev, count);
-              store_lanes(exr + j, exv, count);
+              Step::tile_weight(load_full(ls_row + w), load_full(xs + w), tile_max, ev, exv);
+              store(e_row + w, ev);
+              store(ex_row + w, exv);
             }
+            if (w < g.W) {
+              Lanes ev, exv;
+              Step::tile_weight(load_lanes(ls_row + w, g.W - w), load_lanes(xs + w, g.W - w),
+                                tile_max, ev, exv);
+              store(e_row + w, ev);
+              store(ex_row + w, exv);
+            }
+            split_phases(e_row, g.W, g.sW, q_min, length, 0.0f, slot_data(slot, 2));
+            split_phases(ex_row, g.W, g.sW, q_min, length, 0.0f, slot_data(slot, 3));
             ring_row[slot] = h;
             ring_strip[slot] = s;
           }
@@ -816,6 +844,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
                                        splat(1.0f))
                     : sum[u];
             if (Step::needs_window_max(tile ? check : sum[u])) {
+              for (int64_t h = h0; h < h1; ++h) split_row(h);
               // window maxima, as window_softmax takes them
               Lanes m = splat(neg_inf);
               for (int64_t h = h0; h < h1; ++h) {
