@@ -119,11 +119,12 @@ inline void window_softmax(int64_t h0, int64_t h1, int64_t w0, int64_t w1, Logit
   Step::finish(sum, weighted, y, inv_weight_sum);
 }
 
-// Both gradients of one input pixel over all lanes: outputs (oh0..oh1) x
-// (ow0..ow1) cover it; output_at(oh, ow, g, y, m, inv) loads their lanes.
+// Both gradients of one input pixel over all lanes, output by output:
+// outputs (oh0..oh1) x (ow0..ow1) cover it; output_at(oh, ow, g, y, m, inv)
+// loads their lanes.
 template <typename OutputAt>
-inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
-                         OutputAt output_at, Lanes& dx, Lanes& dl) {
+inline void gather_grads_per_output(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi,
+                                    Lanes li, OutputAt output_at, Lanes& dx, Lanes& dl) {
   dx = splat(0.0f);
   dl = splat(0.0f);
   bool have_cached = false;
@@ -135,6 +136,39 @@ inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lan
       const Lanes e = Step::cached_weight(li, m, have_cached, cached_m, cached_e);
       Step::grad_tap_weighted(e, xi, g, y, inv, dx, dl);
     }
+  }
+}
+
+// gather_grads_per_output's results, factored (WindowStep::gather_output)
+// in the lanes whose covering outputs all share one reference (always so
+// for one covering output), output by output in the others.
+template <typename OutputAt>
+inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
+                         OutputAt output_at, Lanes& dx, Lanes& dl) {
+  if (oh0 > oh1 || ow0 > ow1) {
+    gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx, dl);
+    return;
+  }
+  Lanes A = splat(0.0f), D = splat(0.0f), reference = splat(0.0f);
+  LaneInts differ{};
+  for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    for (int64_t ow = ow0; ow <= ow1; ++ow) {
+      Lanes g, y, m, inv;
+      output_at(oh, ow, g, y, m, inv);
+      if (oh == oh0 && ow == ow0) {
+        reference = m;
+      } else {
+        differ |= cpu_math::LaneMath::differs(m, reference);
+      }
+      Step::gather_output(g, inv, xi - y, A, D);
+    }
+  }
+  Step::finish_factored(li, reference, A, D, dx, dl);
+  if (cpu_math::LaneMath::any(differ)) {
+    Lanes dx_o, dl_o;
+    gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx_o, dl_o);
+    dx = cpu_math::select(differ, dx_o, dx);
+    dl = cpu_math::select(differ, dl_o, dl);
   }
 }
 
@@ -483,16 +517,15 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
 inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_t* yo,
                            const float* mo, const float* invo, int64_t o_row, int64_t o_col,
                            x_t* gx, l_t* gl) {
-  Lanes xv[NB], lv[NB], dx[NB], dl[NB], cached_m[NB], cached_e[NB];
-  bool have_cached[NB];
+  Lanes xv[NB], lv[NB], A[NB], D[NB], reference[NB];
+  LaneInts differ[NB];
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
     xv[b] = load_full(xi + b * kLanes);
     lv[b] = load_full(li + b * kLanes);
-    dx[b] = splat(0.0f);
-    dl[b] = splat(0.0f);
-    have_cached[b] = false;
-    cached_m[b] = cached_e[b] = splat(0.0f);
+    A[b] = D[b] = splat(0.0f);
+    reference[b] = load(mo + b * kLanes);
+    differ[b] = LaneInts{};
   }
   LIP_UNROLL
   for (int a = 0; a < NOH; ++a) {
@@ -501,17 +534,34 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
       LIP_UNROLL
       for (int b = 0; b < NB; ++b) {
         const int64_t off = a * o_row + c * o_col + b * kLanes;
-        const Lanes e = Step::cached_weight(lv[b], load(mo + off), have_cached[b], cached_m[b],
-                                            cached_e[b]);
-        Step::grad_tap_weighted(e, xv[b], load_full(go + off), load_full(yo + off), load(invo + off),
-                                dx[b], dl[b]);
+        if (a + c > 0) differ[b] |= cpu_math::LaneMath::differs(load(mo + off), reference[b]);
+        Step::gather_output(load_full(go + off), load(invo + off), xv[b] - load_full(yo + off), A[b],
+                            D[b]);
       }
     }
   }
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
-    store_full(gx + b * kLanes, dx[b]);
-    store_full(gl + b * kLanes, dl[b]);
+    Lanes dx, dl;
+    Step::finish_factored(lv[b], reference[b], A[b], D[b], dx, dl);
+    if (cpu_math::LaneMath::any(differ[b])) {
+      // outputs of two strips (or window maxima): output by output there
+      Lanes dx_o, dl_o;
+      gather_grads_per_output(
+          0, NOH - 1, 0, NOW - 1, xv[b], lv[b],
+          [&](int64_t oh, int64_t ow, Lanes& g, Lanes& y, Lanes& m, Lanes& inv) {
+            const int64_t off = oh * o_row + ow * o_col + b * kLanes;
+            g = load_full(go + off);
+            y = load_full(yo + off);
+            m = load(mo + off);
+            inv = load(invo + off);
+          },
+          dx_o, dl_o);
+      dx = cpu_math::select(differ[b], dx_o, dx);
+      dl = cpu_math::select(differ[b], dl_o, dl);
+    }
+    store_full(gx + b * kLanes, dx);
+    store_full(gl + b * kLanes, dl);
   }
 }
 
@@ -953,54 +1003,91 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
         for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
           const int64_t columns = (g.W - r + g.sW - 1) / g.sW;
-          // U lane chunks at once, as in forward_rows
-          const auto chunks = [&](int64_t j0, auto unroll) {
-            constexpr int U = decltype(unroll)::value;
-            Lanes xi[U], li[U], dx[U], dl[U], cached_m[U], cached_e[U];
-            bool have_cached[U];
-            LIP_UNROLL
-            for (int u = 0; u < U; ++u) {
-              have_cached[u] = false;
-              cached_m[u] = cached_e[u] = splat(0.0f);
-              xi[u] = load(xph + r * length + j0 + u * kLanes);
-              li[u] = load(lph + r * length + j0 + u * kLanes);
-              dx[u] = splat(0.0f);
-              dl[u] = splat(0.0f);
-            }
+          const auto clamp = [](int64_t v) {
+            return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
+          };
+          // Lanes of inputs j..j+kLanes with an output ow = j - q.
+          const auto valid_lanes = [&](int64_t j, int64_t q) {
+            return j - q >= 0 && j + kLanes - q <= g.OW
+                       ? cpu_math::lanes_between(0, kLanes)
+                       : cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
+          };
+          // Output by output, for the lanes j..j+kLanes whose covering
+          // outputs do not share one reference.
+          const auto per_output = [&](int64_t j, Lanes xi, Lanes li, Lanes& dx, Lanes& dl) {
+            bool have_cached = false;
+            Lanes cached_m = splat(0.0f), cached_e = splat(0.0f);
+            dx = dl = splat(0.0f);
             for (int64_t oh = oh0; oh <= oh1; ++oh) {
-              const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
+              const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j;
               // ow ascending, the order of the other layouts' gathers, so
               // that the sums round the same way
               for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
+                const float* o = rows - q;
+                const Lanes go = load(o), y = load(o + out_floats);
+                const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
+                if (j - q >= 0 && j + kLanes - q <= g.OW) {
+                  const Lanes e = Step::cached_weight(li, m, have_cached, cached_m, cached_e);
+                  Step::grad_tap_weighted(e, xi, go, y, inv, dx, dl);
+                } else {
+                  // Lanes without an output ow = j - q read the zero
+                  // padding (grad 0, max 0, 1 / sum 0); their logit is
+                  // zeroed too, so that the tap adds exactly 0 even for
+                  // an inf or NaN logit, which no existing window sees.
+                  Step::grad_tap(cpu_math::select(valid_lanes(j, q), li, splat(0.0f)), xi, go, y, m, inv,
+                                 dx, dl);
+                }
+              }
+            }
+          };
+          // U lane chunks at once, as in forward_rows; each lane factored
+          // (WindowStep::gather_output) where its covering outputs share
+          // one reference, as in the other layouts
+          const auto chunks = [&](int64_t j0, auto unroll) {
+            constexpr int U = decltype(unroll)::value;
+            Lanes xi[U], li[U], A[U], D[U], reference[U];
+            LaneInts have[U], differ[U];
+            LIP_UNROLL
+            for (int u = 0; u < U; ++u) {
+              xi[u] = load(xph + r * length + j0 + u * kLanes);
+              li[u] = load(lph + r * length + j0 + u * kLanes);
+              A[u] = D[u] = reference[u] = splat(0.0f);
+              have[u] = differ[u] = LaneInts{};
+            }
+            for (int64_t oh = oh0; oh <= oh1; ++oh) {
+              const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
+              for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
                 LIP_UNROLL
                 for (int u = 0; u < U; ++u) {
-                  const int64_t j = j0 + u * kLanes;
                   const float* o = rows + u * kLanes - q;
-                  const Lanes go = load(o), y = load(o + out_floats);
-                  const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
-                  if (j - q >= 0 && j + kLanes - q <= g.OW) {
-                    const Lanes e = Step::cached_weight(li[u], m, have_cached[u], cached_m[u],
-                                                        cached_e[u]);
-                    Step::grad_tap_weighted(e, xi[u], go, y, inv, dx[u], dl[u]);
-                  } else {
-                    // Lanes without an output ow = j - q read the zero
-                    // padding (grad 0, max 0, 1 / sum 0); their logit is
-                    // zeroed too, so that the tap adds exactly 0 even for
-                    // an inf or NaN logit, which no existing window sees.
-                    const auto clamp = [](int64_t v) {
-                      return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
-                    };
-                    const LaneInts valid = cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
-                    Step::grad_tap(cpu_math::select(valid, li[u], splat(0.0f)), xi[u], go, y, m, inv,
-                                   dx[u], dl[u]);
-                  }
+                  const LaneInts valid = valid_lanes(j0 + u * kLanes, q);
+                  // padding outputs (grad 0, 1 / sum 0) add +0 to A and,
+                  // with x - y zeroed (x may be inf), to D
+                  Step::gather_output(load(o), load(o + 3 * out_floats),
+                                      cpu_math::select(valid, xi[u] - load(o + out_floats), splat(0.0f)),
+                                      A[u], D[u]);
+                  const Lanes m = load(o + 2 * out_floats);
+                  differ[u] |= valid & have[u] & cpu_math::LaneMath::differs(m, reference[u]);
+                  reference[u] = cpu_math::select(valid & ~have[u], m, reference[u]);
+                  have[u] |= valid;
                 }
               }
             }
             LIP_UNROLL
             for (int u = 0; u < U; ++u) {
-              store(dxph + r * length + j0 + u * kLanes, dx[u]);
-              store(dlph + r * length + j0 + u * kLanes, dl[u]);
+              Lanes dx, dl;
+              Step::finish_factored(li[u], reference[u], A[u], D[u], dx, dl);
+              // inputs no window holds: no gradient, whatever their logit
+              dx = cpu_math::select(have[u], dx, splat(0.0f));
+              dl = cpu_math::select(have[u], dl, splat(0.0f));
+              if (cpu_math::LaneMath::any(differ[u])) {
+                Lanes dx_o, dl_o;
+                per_output(j0 + u * kLanes, xi[u], li[u], dx_o, dl_o);
+                dx = cpu_math::select(differ[u], dx_o, dx);
+                dl = cpu_math::select(differ[u], dl_o, dl);
+              }
+              store(dxph + r * length + j0 + u * kLanes, dx);
+              store(dlph + r * length + j0 + u * kLanes, dl);
             }
           };
           int64_t j0 = 0;

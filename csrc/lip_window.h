@@ -121,6 +121,11 @@ struct ScalarMath {
   static LIP_HOST_DEVICE T select_below(T a, T bound, T if_below, T otherwise) {
     return a < bound ? if_below : otherwise;
   }
+  static LIP_HOST_DEVICE T unfused(T v) { return v; }
+  using mask = bool;
+  static LIP_HOST_DEVICE bool differs(T a, T b) { return a != b; }
+  static LIP_HOST_DEVICE bool any(bool m) { return m; }
+  static LIP_HOST_DEVICE T where(bool m, T a, T b) { return m ? a : b; }
   static LIP_HOST_DEVICE bool same_bits(T a, T b) {
     return a == b || (a != a && b != b);  // NaN: never a saved reference
   }
@@ -212,6 +217,31 @@ struct WindowStep {
     y = Math::select_below(weight_sum, bound, y_w, y);
     reference = Math::select_below(weight_sum, bound, m_w, reference);
     inv_weight_sum = Math::select_below(weight_sum, bound, inv_w, inv_weight_sum);
+  }
+
+  // Backward, factored, where every covering output o of input i has the
+  // same reference m (as the tile form's outputs of one strip do):
+  // p_oi = e_i inv_o with e_i = exp(l_i - m), so
+  //   dx_i = e_i A_i,  dl_i = e_i D_i,
+  //   A_i = sum_o g_o inv_o,  D_i = sum_o g_o inv_o (x_i - y_o):
+  // one exp per input and four flops per (input, output) instead of an
+  // exp's worth. (D as x_i A_i - sum g_o inv_o y_o would save a flop but
+  // cancel where x_i is close to y_o.) gather_output adds one output, in
+  // ascending (oh, ow) order; finish_factored ends. Masked inputs (e = 0)
+  // get dl = 0 whatever x is, as from grad_tap. The product is kept out of
+  // a fused multiply-add (Math::unfused), which the compiler would
+  // otherwise form in some inlined copies and not in others: every layout
+  // must round alike.
+  static LIP_HOST_DEVICE void gather_output(V grad_out, V inv_weight_sum, V x_minus_y, V& A, V& D) {
+    const V a = grad_out * inv_weight_sum;
+    A += a;
+    D += Math::unfused(a * x_minus_y);
+  }
+
+  static LIP_HOST_DEVICE void finish_factored(V logit, V reference, V A, V D, V& dx, V& dl) {
+    const V e = Math::exp_nonpositive(logit - reference);
+    dx = e * A;
+    dl = Math::zero_where_zero(e, e * D);
   }
 
   // Backward with references shared across a tile: exp(l_i - m_o) for one
