@@ -140,8 +140,9 @@ inline void gather_grads_per_output(int64_t oh0, int64_t oh1, int64_t ow0, int64
 }
 
 // gather_grads_per_output's results, factored (WindowStep::gather_output)
-// in the lanes whose covering outputs all share one reference (always so
-// for one covering output), output by output in the others.
+// per covering output row in the lanes where each row's outputs share one
+// reference (always so for one output a row), output by output in the
+// others.
 template <typename OutputAt>
 inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
                          OutputAt output_at, Lanes& dx, Lanes& dl) {
@@ -149,21 +150,24 @@ inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lan
     gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx, dl);
     return;
   }
-  Lanes A = splat(0.0f), D = splat(0.0f), reference = splat(0.0f);
+  dx = dl = splat(0.0f);
   LaneInts differ{};
+  bool have_cached = false;
+  Lanes cached_m = splat(0.0f), cached_e = splat(0.0f);
   for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    Lanes A = splat(0.0f), D = splat(0.0f), reference = splat(0.0f);
     for (int64_t ow = ow0; ow <= ow1; ++ow) {
       Lanes g, y, m, inv;
       output_at(oh, ow, g, y, m, inv);
-      if (oh == oh0 && ow == ow0) {
+      if (ow == ow0) {
         reference = m;
       } else {
         differ |= cpu_math::LaneMath::differs(m, reference);
       }
       Step::gather_output(g, inv, xi - y, A, D);
     }
+    Step::finish_factored_row(li, reference, A, D, have_cached, cached_m, cached_e, dx, dl);
   }
-  Step::finish_factored(li, reference, A, D, dx, dl);
   if (cpu_math::LaneMath::any(differ)) {
     Lanes dx_o, dl_o;
     gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx_o, dl_o);
@@ -517,35 +521,46 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
 inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_t* yo,
                            const float* mo, const float* invo, int64_t o_row, int64_t o_col,
                            x_t* gx, l_t* gl) {
-  Lanes xv[NB], lv[NB], A[NB], D[NB], reference[NB];
+  Lanes xv[NB], lv[NB], dx[NB], dl[NB], cached_m[NB], cached_e[NB];
   LaneInts differ[NB];
+  bool have_cached[NB];
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
     xv[b] = load_full(xi + b * kLanes);
     lv[b] = load_full(li + b * kLanes);
-    A[b] = D[b] = splat(0.0f);
-    reference[b] = load(mo + b * kLanes);
+    dx[b] = dl[b] = cached_m[b] = cached_e[b] = splat(0.0f);
     differ[b] = LaneInts{};
+    have_cached[b] = false;
   }
   LIP_UNROLL
   for (int a = 0; a < NOH; ++a) {
+    Lanes A[NB], D[NB], reference[NB];
+    LIP_UNROLL
+    for (int b = 0; b < NB; ++b) {
+      A[b] = D[b] = splat(0.0f);
+      reference[b] = load(mo + a * o_row + b * kLanes);
+    }
     LIP_UNROLL
     for (int c = 0; c < NOW; ++c) {
       LIP_UNROLL
       for (int b = 0; b < NB; ++b) {
         const int64_t off = a * o_row + c * o_col + b * kLanes;
-        if (a + c > 0) differ[b] |= cpu_math::LaneMath::differs(load(mo + off), reference[b]);
+        if (c > 0) differ[b] |= cpu_math::LaneMath::differs(load(mo + off), reference[b]);
         Step::gather_output(load_full(go + off), load(invo + off), xv[b] - load_full(yo + off), A[b],
                             D[b]);
       }
     }
+    LIP_UNROLL
+    for (int b = 0; b < NB; ++b) {
+      Step::finish_factored_row(lv[b], reference[b], A[b], D[b], have_cached[b], cached_m[b],
+                                cached_e[b], dx[b], dl[b]);
+    }
   }
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
-    Lanes dx, dl;
-    Step::finish_factored(lv[b], reference[b], A[b], D[b], dx, dl);
     if (cpu_math::LaneMath::any(differ[b])) {
-      // outputs of two strips (or window maxima): output by output there
+      // outputs of one row with different references (window maxima):
+      // output by output there
       Lanes dx_o, dl_o;
       gather_grads_per_output(
           0, NOH - 1, 0, NOW - 1, xv[b], lv[b],
@@ -557,11 +572,11 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
             inv = load(invo + off);
           },
           dx_o, dl_o);
-      dx = cpu_math::select(differ[b], dx_o, dx);
-      dl = cpu_math::select(differ[b], dl_o, dl);
+      dx[b] = cpu_math::select(differ[b], dx_o, dx[b]);
+      dl[b] = cpu_math::select(differ[b], dl_o, dl[b]);
     }
-    store_full(gx + b * kLanes, dx);
-    store_full(gl + b * kLanes, dl);
+    store_full(gx + b * kLanes, dx[b]);
+    store_full(gl + b * kLanes, dl[b]);
   }
 }
 
@@ -1045,17 +1060,26 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
           // one reference, as in the other layouts
           const auto chunks = [&](int64_t j0, auto unroll) {
             constexpr int U = decltype(unroll)::value;
-            Lanes xi[U], li[U], A[U], D[U], reference[U];
-            LaneInts have[U], differ[U];
+            Lanes xi[U], li[U], dx[U], dl[U], cached_m[U], cached_e[U];
+            LaneInts differ[U];
+            bool have_cached[U];
             LIP_UNROLL
             for (int u = 0; u < U; ++u) {
               xi[u] = load(xph + r * length + j0 + u * kLanes);
               li[u] = load(lph + r * length + j0 + u * kLanes);
-              A[u] = D[u] = reference[u] = splat(0.0f);
-              have[u] = differ[u] = LaneInts{};
+              dx[u] = dl[u] = cached_m[u] = cached_e[u] = splat(0.0f);
+              differ[u] = LaneInts{};
+              have_cached[u] = false;
             }
             for (int64_t oh = oh0; oh <= oh1; ++oh) {
               const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
+              Lanes A[U], D[U], reference[U];
+              LaneInts have[U];  // lanes with an output in this row so far
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) {
+                A[u] = D[u] = reference[u] = splat(0.0f);
+                have[u] = LaneInts{};
+              }
               for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
                 LIP_UNROLL
                 for (int u = 0; u < U; ++u) {
@@ -1072,22 +1096,28 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
                   have[u] |= valid;
                 }
               }
+              LIP_UNROLL
+              for (int u = 0; u < U; ++u) {
+                // this row's share; none in lanes without an output in it
+                // (whatever their logit)
+                Lanes dx_row = splat(0.0f), dl_row = splat(0.0f);
+                Step::finish_factored_row(li[u], reference[u], A[u], D[u], have_cached[u], cached_m[u],
+                                          cached_e[u], dx_row, dl_row);
+                dx[u] += cpu_math::select(have[u], dx_row, splat(0.0f));
+                dl[u] += cpu_math::select(have[u], dl_row, splat(0.0f));
+              }
             }
             LIP_UNROLL
             for (int u = 0; u < U; ++u) {
-              Lanes dx, dl;
-              Step::finish_factored(li[u], reference[u], A[u], D[u], dx, dl);
-              // inputs no window holds: no gradient, whatever their logit
-              dx = cpu_math::select(have[u], dx, splat(0.0f));
-              dl = cpu_math::select(have[u], dl, splat(0.0f));
+              Lanes dx_u = dx[u], dl_u = dl[u];
               if (cpu_math::LaneMath::any(differ[u])) {
                 Lanes dx_o, dl_o;
                 per_output(j0 + u * kLanes, xi[u], li[u], dx_o, dl_o);
-                dx = cpu_math::select(differ[u], dx_o, dx);
-                dl = cpu_math::select(differ[u], dl_o, dl);
+                dx_u = cpu_math::select(differ[u], dx_o, dx_u);
+                dl_u = cpu_math::select(differ[u], dl_o, dl_u);
               }
-              store(dxph + r * length + j0 + u * kLanes, dx);
-              store(dlph + r * length + j0 + u * kLanes, dl);
+              store(dxph + r * length + j0 + u * kLanes, dx_u);
+              store(dlph + r * length + j0 + u * kLanes, dl_u);
             }
           };
           int64_t j0 = 0;

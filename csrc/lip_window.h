@@ -226,8 +226,9 @@ struct WindowStep {
   //   A_i = sum_o g_o inv_o,  D_i = sum_o g_o inv_o (x_i - y_o):
   // one exp per input and four flops per (input, output) instead of an
   // exp's worth. (D as x_i A_i - sum g_o inv_o y_o would save a flop but
-  // cancel where x_i is close to y_o.) gather_output adds one output, in
-  // ascending (oh, ow) order; finish_factored ends. Masked inputs (e = 0)
+  // cancel where x_i is close to y_o.) Kernels factor each covering output
+  // row on its own: gather_output adds its outputs in ascending ow order,
+  // finish_factored_row adds the row's share, rows in ascending oh order. Masked inputs (e = 0)
   // get dl = 0 whatever x is, as from grad_tap. The product is kept out of
   // a fused multiply-add (Math::unfused), which the compiler would
   // otherwise form in some inlined copies and not in others: every layout
@@ -238,10 +239,14 @@ struct WindowStep {
     D += Math::unfused(a * x_minus_y);
   }
 
-  static LIP_HOST_DEVICE void finish_factored(V logit, V reference, V A, V D, V& dx, V& dl) {
-    const V e = Math::exp_nonpositive(logit - reference);
-    dx = e * A;
-    dl = Math::zero_where_zero(e, e * D);
+  // Adds one covering output row's share (its outputs' A and D, their
+  // shared reference) to dx and dl: the rows two strips share have two
+  // references, and an exp each (one, through the cache, where they agree).
+  static LIP_HOST_DEVICE void finish_factored_row(V logit, V reference, V A, V D, bool& have_cached,
+                                                  V& cached_m, V& cached_e, V& dx, V& dl) {
+    const V e = cached_weight(logit, reference, have_cached, cached_m, cached_e);
+    dx += Math::unfused(e * A);
+    dl += Math::zero_where_zero(e, Math::unfused(e * D));
   }
 
   // Backward with references shared across a tile: exp(l_i - m_o) for one
