@@ -2,11 +2,15 @@
 //
 // float32, float16 and bfloat16 run in float lanes (lip_cpu_math.h), all
 // window math through lip_window.h's WindowStep (shared with the CUDA
-// kernels). Per window: the max first, then the sums of exp(l - max);
-// backward is a gather over the outputs covering each input.
+// kernels). Forward, where windows overlap, takes WindowStep's tile form:
+// one max per channel over a strip of kStripRows output rows, each input's
+// exp(l - max) once per strip, window sums of those, and a window's own max
+// where the strip's is too far above it; elsewhere each window's own max.
+// Backward is a gather over the outputs covering each input, each relative
+// to the reference forward saved for it (docs/kernels.md).
 // - channels_last: channels are contiguous, so lanes are kLanes channels of
-//   one pixel, loaded straight from the tensors; parallel over output
-//   (forward) or input (backward) rows.
+//   one pixel, loaded straight from the tensors; parallel over (image,
+//   strip, group of lane blocks) forward, input rows backward.
 // - contiguous NCHW, "rows": lanes are kLanes outputs (forward) or inputs
 //   (backward) along one row of one plane. A stride-sW row is split into sW
 //   phases (the columns congruent to r mod sW, converted to float), so that
@@ -119,60 +123,19 @@ inline void window_softmax(int64_t h0, int64_t h1, int64_t w0, int64_t w1, Logit
   Step::finish(sum, weighted, y, inv_weight_sum);
 }
 
-// Both gradients of one input pixel over all lanes, output by output:
-// outputs (oh0..oh1) x (ow0..ow1) cover it; output_at(oh, ow, g, y, m, inv)
-// loads their lanes.
-template <typename OutputAt>
-inline void gather_grads_per_output(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi,
-                                    Lanes li, OutputAt output_at, Lanes& dx, Lanes& dl) {
-  dx = splat(0.0f);
-  dl = splat(0.0f);
-  bool have_cached = false;
-  Lanes cached_m = splat(0.0f), cached_e = splat(0.0f);
-  for (int64_t oh = oh0; oh <= oh1; ++oh) {
-    for (int64_t ow = ow0; ow <= ow1; ++ow) {
-      Lanes g, y, m, inv;
-      output_at(oh, ow, g, y, m, inv);
-      const Lanes e = Step::cached_weight(li, m, have_cached, cached_m, cached_e);
-      Step::grad_tap_weighted(e, xi, g, y, inv, dx, dl);
-    }
-  }
-}
-
-// gather_grads_per_output's results, factored (WindowStep::gather_output)
-// per covering output row in the lanes where each row's outputs share one
-// reference (always so for one output a row), output by output in the
-// others.
+// Both gradients of one input pixel over all lanes: outputs (oh0..oh1) x
+// (ow0..ow1) cover it; output_at(oh, ow, g, y, m, inv) loads their lanes.
 template <typename OutputAt>
 inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
                          OutputAt output_at, Lanes& dx, Lanes& dl) {
-  if (oh0 > oh1 || ow0 > ow1) {
-    gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx, dl);
-    return;
-  }
-  dx = dl = splat(0.0f);
-  LaneInts differ{};
-  bool have_cached = false;
-  Lanes cached_m = splat(0.0f), cached_e = splat(0.0f);
+  dx = splat(0.0f);
+  dl = splat(0.0f);
   for (int64_t oh = oh0; oh <= oh1; ++oh) {
-    Lanes A = splat(0.0f), D = splat(0.0f), reference = splat(0.0f);
     for (int64_t ow = ow0; ow <= ow1; ++ow) {
       Lanes g, y, m, inv;
       output_at(oh, ow, g, y, m, inv);
-      if (ow == ow0) {
-        reference = m;
-      } else {
-        differ |= cpu_math::LaneMath::differs(m, reference);
-      }
-      Step::gather_output(g, inv, xi - y, A, D);
+      Step::grad_tap(li, xi, g, y, m, inv, dx, dl);
     }
-    Step::finish_factored_row(li, reference, A, D, have_cached, cached_m, cached_e, dx, dl);
-  }
-  if (cpu_math::LaneMath::any(differ)) {
-    Lanes dx_o, dl_o;
-    gather_grads_per_output(oh0, oh1, ow0, ow1, xi, li, output_at, dx_o, dl_o);
-    dx = cpu_math::select(differ, dx_o, dx);
-    dl = cpu_math::select(differ, dl_o, dl);
   }
 }
 
@@ -225,6 +188,15 @@ inline Strip strip_at(const LipGeometry& g, int64_t s) {
 // at once: their pixels are consecutive memory in channels_last, which the
 // hardware prefetchers follow where a lone 64-byte block per pixel is not.
 constexpr int kMaxStripBlocks = 4;
+
+// Bytes a channels_last forward task may keep in flight (its strip's inputs
+// and weight ring; see forward_channels_last).
+constexpr int64_t kStripBudgetBytes = 192 * 1024;
+
+// Input rows of one strip, at most.
+inline int64_t strip_rows(const LipGeometry& g) {
+  return std::min(g.H, (kStripRows - 1) * g.sH + g.kH);
+}
 
 // Input rows forward_strip keeps weights for: those of one window.
 inline int64_t ring_rows(const LipGeometry& g) { return std::min(g.kH, g.H); }
@@ -472,7 +444,15 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
   float* max_ptr = t.window_max.mutable_data_ptr<float>();
   float* inv_ptr = t.inv_weight_sum.mutable_data_ptr<float>();
   const int64_t strips = strip_count(g);
-  const int64_t group_channels = kMaxStripBlocks * kLanes;
+  // Lane blocks per task: as many as keep a strip's inputs, its weight ring
+  // and the next strip fetched ahead within about a fifth of a 1 MiB L2
+  // (measured, AVX-512, float32: 4 blocks of the 64x112x112 stem ran 15%
+  // slower than 1; the 28x28 layers are fastest with 4).
+  const int64_t block_bytes =
+      (strip_rows(g) * (sizeof(x_t) + sizeof(l_t)) + 2 * ring_rows(g) * sizeof(float)) * g.W * kLanes;
+  const int64_t group_blocks =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxStripBlocks, kStripBudgetBytes / block_bytes));
+  const int64_t group_channels = group_blocks * kLanes;
   const int64_t groups = (g.C + group_channels - 1) / group_channels;
   // tasks: (image, strip, group of lane blocks), the group fastest
   at::parallel_for(0, g.N * strips * groups, 1, [&](int64_t begin, int64_t end) {
@@ -521,60 +501,28 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
 inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_t* yo,
                            const float* mo, const float* invo, int64_t o_row, int64_t o_col,
                            x_t* gx, l_t* gl) {
-  Lanes xv[NB], lv[NB], dx[NB], dl[NB], cached_m[NB], cached_e[NB];
-  LaneInts differ[NB];
-  bool have_cached[NB];
+  Lanes xv[NB], lv[NB], dx[NB], dl[NB];
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
     xv[b] = load_full(xi + b * kLanes);
     lv[b] = load_full(li + b * kLanes);
-    dx[b] = dl[b] = cached_m[b] = cached_e[b] = splat(0.0f);
-    differ[b] = LaneInts{};
-    have_cached[b] = false;
+    dx[b] = splat(0.0f);
+    dl[b] = splat(0.0f);
   }
   LIP_UNROLL
   for (int a = 0; a < NOH; ++a) {
-    Lanes A[NB], D[NB], reference[NB];
-    LIP_UNROLL
-    for (int b = 0; b < NB; ++b) {
-      A[b] = D[b] = splat(0.0f);
-      reference[b] = load(mo + a * o_row + b * kLanes);
-    }
     LIP_UNROLL
     for (int c = 0; c < NOW; ++c) {
       LIP_UNROLL
       for (int b = 0; b < NB; ++b) {
         const int64_t off = a * o_row + c * o_col + b * kLanes;
-        if (c > 0) differ[b] |= cpu_math::LaneMath::differs(load(mo + off), reference[b]);
-        Step::gather_output(load_full(go + off), load(invo + off), xv[b] - load_full(yo + off), A[b],
-                            D[b]);
+        Step::grad_tap(lv[b], xv[b], load_full(go + off), load_full(yo + off), load(mo + off),
+                       load(invo + off), dx[b], dl[b]);
       }
-    }
-    LIP_UNROLL
-    for (int b = 0; b < NB; ++b) {
-      Step::finish_factored_row(lv[b], reference[b], A[b], D[b], have_cached[b], cached_m[b],
-                                cached_e[b], dx[b], dl[b]);
     }
   }
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
-    if (cpu_math::LaneMath::any(differ[b])) {
-      // outputs of one row with different references (window maxima):
-      // output by output there
-      Lanes dx_o, dl_o;
-      gather_grads_per_output(
-          0, NOH - 1, 0, NOW - 1, xv[b], lv[b],
-          [&](int64_t oh, int64_t ow, Lanes& g, Lanes& y, Lanes& m, Lanes& inv) {
-            const int64_t off = oh * o_row + ow * o_col + b * kLanes;
-            g = load_full(go + off);
-            y = load_full(yo + off);
-            m = load(mo + off);
-            inv = load(invo + off);
-          },
-          dx_o, dl_o);
-      dx[b] = cpu_math::select(differ[b], dx_o, dx[b]);
-      dl[b] = cpu_math::select(differ[b], dl_o, dl[b]);
-    }
     store_full(gx + b * kLanes, dx[b]);
     store_full(gl + b * kLanes, dl[b]);
   }
@@ -1018,106 +966,49 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
         for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
           const int64_t columns = (g.W - r + g.sW - 1) / g.sW;
-          const auto clamp = [](int64_t v) {
-            return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
-          };
-          // Lanes of inputs j..j+kLanes with an output ow = j - q.
-          const auto valid_lanes = [&](int64_t j, int64_t q) {
-            return j - q >= 0 && j + kLanes - q <= g.OW
-                       ? cpu_math::lanes_between(0, kLanes)
-                       : cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
-          };
-          // Output by output, for the lanes j..j+kLanes whose covering
-          // outputs do not share one reference.
-          const auto per_output = [&](int64_t j, Lanes xi, Lanes li, Lanes& dx, Lanes& dl) {
-            bool have_cached = false;
-            Lanes cached_m = splat(0.0f), cached_e = splat(0.0f);
-            dx = dl = splat(0.0f);
-            for (int64_t oh = oh0; oh <= oh1; ++oh) {
-              const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j;
-              // ow ascending, the order of the other layouts' gathers, so
-              // that the sums round the same way
-              for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
-                const float* o = rows - q;
-                const Lanes go = load(o), y = load(o + out_floats);
-                const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
-                if (j - q >= 0 && j + kLanes - q <= g.OW) {
-                  const Lanes e = Step::cached_weight(li, m, have_cached, cached_m, cached_e);
-                  Step::grad_tap_weighted(e, xi, go, y, inv, dx, dl);
-                } else {
-                  // Lanes without an output ow = j - q read the zero
-                  // padding (grad 0, max 0, 1 / sum 0); their logit is
-                  // zeroed too, so that the tap adds exactly 0 even for
-                  // an inf or NaN logit, which no existing window sees.
-                  Step::grad_tap(cpu_math::select(valid_lanes(j, q), li, splat(0.0f)), xi, go, y, m, inv,
-                                 dx, dl);
-                }
-              }
-            }
-          };
-          // U lane chunks at once, as in forward_rows; each lane factored
-          // (WindowStep::gather_output) where its covering outputs share
-          // one reference, as in the other layouts
+          // U lane chunks at once, as in forward_rows
           const auto chunks = [&](int64_t j0, auto unroll) {
             constexpr int U = decltype(unroll)::value;
-            Lanes xi[U], li[U], dx[U], dl[U], cached_m[U], cached_e[U];
-            LaneInts differ[U];
-            bool have_cached[U];
+            Lanes xi[U], li[U], dx[U], dl[U];
             LIP_UNROLL
             for (int u = 0; u < U; ++u) {
               xi[u] = load(xph + r * length + j0 + u * kLanes);
               li[u] = load(lph + r * length + j0 + u * kLanes);
-              dx[u] = dl[u] = cached_m[u] = cached_e[u] = splat(0.0f);
-              differ[u] = LaneInts{};
-              have_cached[u] = false;
+              dx[u] = splat(0.0f);
+              dl[u] = splat(0.0f);
             }
             for (int64_t oh = oh0; oh <= oh1; ++oh) {
               const float* rows = scratch.get() + (oh % ring_size) * 4 * out_floats + left + j0;
-              Lanes A[U], D[U], reference[U];
-              LaneInts have[U];  // lanes with an output in this row so far
-              LIP_UNROLL
-              for (int u = 0; u < U; ++u) {
-                A[u] = D[u] = reference[u] = splat(0.0f);
-                have[u] = LaneInts{};
-              }
+              // ow ascending, the order of the other layouts' gathers, so
+              // that the sums round the same way
               for (int64_t q = q_hi[r]; q >= q_lo[r]; --q) {
                 LIP_UNROLL
                 for (int u = 0; u < U; ++u) {
+                  const int64_t j = j0 + u * kLanes;
                   const float* o = rows + u * kLanes - q;
-                  const LaneInts valid = valid_lanes(j0 + u * kLanes, q);
-                  // padding outputs (grad 0, 1 / sum 0) add +0 to A and,
-                  // with x - y zeroed (x may be inf), to D
-                  Step::gather_output(load(o), load(o + 3 * out_floats),
-                                      cpu_math::select(valid, xi[u] - load(o + out_floats), splat(0.0f)),
-                                      A[u], D[u]);
-                  const Lanes m = load(o + 2 * out_floats);
-                  differ[u] |= valid & have[u] & cpu_math::LaneMath::differs(m, reference[u]);
-                  reference[u] = cpu_math::select(valid & ~have[u], m, reference[u]);
-                  have[u] |= valid;
+                  const Lanes go = load(o), y = load(o + out_floats);
+                  const Lanes m = load(o + 2 * out_floats), inv = load(o + 3 * out_floats);
+                  if (j - q >= 0 && j + kLanes - q <= g.OW) {
+                    Step::grad_tap(li[u], xi[u], go, y, m, inv, dx[u], dl[u]);
+                  } else {
+                    // Lanes without an output ow = j - q read the zero
+                    // padding (grad 0, max 0, 1 / sum 0); their logit is
+                    // zeroed too, so that the tap adds exactly 0 even for
+                    // an inf or NaN logit, which no existing window sees.
+                    const auto clamp = [](int64_t v) {
+                      return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(v, 0), kLanes));
+                    };
+                    const LaneInts valid = cpu_math::lanes_between(clamp(q - j), clamp(g.OW + q - j));
+                    Step::grad_tap(cpu_math::select(valid, li[u], splat(0.0f)), xi[u], go, y, m, inv,
+                                   dx[u], dl[u]);
+                  }
                 }
-              }
-              LIP_UNROLL
-              for (int u = 0; u < U; ++u) {
-                // this row's share; none in lanes without an output in it
-                // (whatever their logit)
-                Lanes dx_row = splat(0.0f), dl_row = splat(0.0f);
-                Step::finish_factored_row(li[u], reference[u], A[u], D[u], have_cached[u], cached_m[u],
-                                          cached_e[u], dx_row, dl_row);
-                dx[u] += cpu_math::select(have[u], dx_row, splat(0.0f));
-                dl[u] += cpu_math::select(have[u], dl_row, splat(0.0f));
               }
             }
             LIP_UNROLL
             for (int u = 0; u < U; ++u) {
-              Lanes dx_u = dx[u], dl_u = dl[u];
-              if (cpu_math::LaneMath::any(differ[u])) {
-                Lanes dx_o, dl_o;
-                per_output(j0 + u * kLanes, xi[u], li[u], dx_o, dl_o);
-                dx_u = cpu_math::select(differ[u], dx_o, dx_u);
-                dl_u = cpu_math::select(differ[u], dl_o, dl_u);
-              }
-              store(dxph + r * length + j0 + u * kLanes, dx_u);
-              store(dlph + r * length + j0 + u * kLanes, dl_u);
+              store(dxph + r * length + j0 + u * kLanes, dx[u]);
+              store(dlph + r * length + j0 + u * kLanes, dl[u]);
             }
           };
           int64_t j0 = 0;

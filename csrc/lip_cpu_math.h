@@ -143,26 +143,6 @@ struct LaneMath {
   static Lanes select_below(Lanes a, Lanes bound, Lanes if_below, Lanes otherwise) {
     return select(a < bound, if_below, otherwise);
   }
-  static bool same_bits(Lanes a, Lanes b) { return std::memcmp(&a, &b, sizeof(a)) == 0; }
-  // v, opaque to the optimiser: a product passed through here is not fused
-  // into a multiply-add.
-  static Lanes unfused(Lanes v) {
-#if LIP_CPU_ISA >= 1
-    asm("" : "+v"(v));
-#elif defined(__x86_64__) || defined(__i386__)
-    asm("" : "+x"(v));
-#elif defined(__aarch64__)
-    asm("" : "+w"(v));
-#endif
-    return v;
-  }
-  using mask = LaneInts;
-  static LaneInts differs(Lanes a, Lanes b) { return a != b; }
-  static bool any(LaneInts m) {
-    LaneInts none{};
-    return std::memcmp(&m, &none, sizeof(m)) != 0;
-  }
-  static Lanes where(LaneInts m, Lanes a, Lanes b) { return select(m, a, b); }
 };
 
 }  // namespace cpu_math

@@ -121,15 +121,11 @@ struct ScalarMath {
   static LIP_HOST_DEVICE T select_below(T a, T bound, T if_below, T otherwise) {
     return a < bound ? if_below : otherwise;
   }
-  static LIP_HOST_DEVICE T unfused(T v) { return v; }
-  using mask = bool;
-  static LIP_HOST_DEVICE bool differs(T a, T b) { return a != b; }
-  static LIP_HOST_DEVICE bool any(bool m) { return m; }
-  static LIP_HOST_DEVICE T where(bool m, T a, T b) { return m ? a : b; }
-  static LIP_HOST_DEVICE bool same_bits(T a, T b) {
-    return a == b || (a != a && b != b);  // NaN: never a saved reference
-  }
 };
+
+// exp(-20) (float): the weight sum relative to a tile's max below which a
+// window is recomputed relative to its own max (WindowStep, tile form).
+constexpr float kTileMinWeightSum = 2.0611537e-9f;
 
 // ---- the stable window step, written once --------------------------------
 //
@@ -141,10 +137,6 @@ struct ScalarMath {
 // x (even inf or NaN). A window whose logits are all -inf has no weight: its
 // output is 0, as are its gradients (the reference formula gives 0/0 there).
 // A NaN logit makes its windows NaN; +inf logits give NaN like the reference.
-// exp(-20) (float): the weight sum relative to a tile's max below which a
-// window is recomputed relative to its own max (WindowStep, tile form).
-constexpr float kTileMinWeightSum = 2.0611537e-9f;
-
 template <typename Math>
 struct WindowStep {
   using V = typename Math::value;
@@ -171,13 +163,7 @@ struct WindowStep {
   // dx_i += g_o p,  dl_i += g_o p (x_i - y_o).
   static LIP_HOST_DEVICE void grad_tap(V logit, V x, V grad_out, V y, V m, V inv_weight_sum,
                                        V& dx, V& dl) {
-    grad_tap_weighted(Math::exp_nonpositive(logit - m), x, grad_out, y, inv_weight_sum, dx, dl);
-  }
-
-  // grad_tap with e = exp(l_i - m_o) already at hand.
-  static LIP_HOST_DEVICE void grad_tap_weighted(V e, V x, V grad_out, V y, V inv_weight_sum,
-                                                V& dx, V& dl) {
-    const V p = e * inv_weight_sum;
+    const V p = Math::exp_nonpositive(logit - m) * inv_weight_sum;
     const V gp = grad_out * p;
     dx += gp;
     dl += Math::zero_where_zero(p, gp * (x - y));
@@ -217,50 +203,6 @@ struct WindowStep {
     y = Math::select_below(weight_sum, bound, y_w, y);
     reference = Math::select_below(weight_sum, bound, m_w, reference);
     inv_weight_sum = Math::select_below(weight_sum, bound, inv_w, inv_weight_sum);
-  }
-
-  // Backward, factored, where every covering output o of input i has the
-  // same reference m (as the tile form's outputs of one strip do):
-  // p_oi = e_i inv_o with e_i = exp(l_i - m), so
-  //   dx_i = e_i A_i,  dl_i = e_i D_i,
-  //   A_i = sum_o g_o inv_o,  D_i = sum_o g_o inv_o (x_i - y_o):
-  // one exp per input and four flops per (input, output) instead of an
-  // exp's worth. (D as x_i A_i - sum g_o inv_o y_o would save a flop but
-  // cancel where x_i is close to y_o.) Kernels factor each covering output
-  // row on its own: gather_output adds its outputs in ascending ow order,
-  // finish_factored_row adds the row's share, rows in ascending oh order. Masked inputs (e = 0)
-  // get dl = 0 whatever x is, as from grad_tap. The product is kept out of
-  // a fused multiply-add (Math::unfused), which the compiler would
-  // otherwise form in some inlined copies and not in others: every layout
-  // must round alike.
-  static LIP_HOST_DEVICE void gather_output(V grad_out, V inv_weight_sum, V x_minus_y, V& A, V& D) {
-    const V a = grad_out * inv_weight_sum;
-    A += a;
-    D += Math::unfused(a * x_minus_y);
-  }
-
-  // Adds one covering output row's share (its outputs' A and D, their
-  // shared reference) to dx and dl: the rows two strips share have two
-  // references, and an exp each (one, through the cache, where they agree).
-  static LIP_HOST_DEVICE void finish_factored_row(V logit, V reference, V A, V D, bool& have_cached,
-                                                  V& cached_m, V& cached_e, V& dx, V& dl) {
-    const V e = cached_weight(logit, reference, have_cached, cached_m, cached_e);
-    dx += Math::unfused(e * A);
-    dl += Math::zero_where_zero(e, Math::unfused(e * D));
-  }
-
-  // Backward with references shared across a tile: exp(l_i - m_o) for one
-  // covering output, computed only when m_o's bits differ from the last
-  // reference seen (cached_m, cached_e; have_cached false at the first
-  // output). Bitwise what grad_tap computes, with one exp per input instead
-  // of one per (input, output) wherever the covering outputs share M.
-  static LIP_HOST_DEVICE V cached_weight(V logit, V m, bool& have_cached, V& cached_m, V& cached_e) {
-    if (!have_cached || !Math::same_bits(m, cached_m)) {
-      cached_e = Math::exp_nonpositive(logit - m);
-      cached_m = m;
-      have_cached = true;
-    }
-    return cached_e;
   }
 };
 
