@@ -92,27 +92,43 @@ def test_planes_match_oracle(case, layout, dtype, seed):
     assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
 
 
+# (shape, kernel, stride, padding, ceil_mode): windows overlapping in both
+# dimensions, in one only, not at all, wide kernels, ceil_mode, a last strip
+# of one output row
+LAYOUT_GEOMETRIES = [
+    ((2, 37, 13, 21), 3, 2, 1, False),
+    ((1, 21, 17, 30), (5, 3), (2, 3), (2, 1), True),
+    ((2, 18, 9, 40), (1, 4), (1, 2), (0, 2), False),
+    ((1, 19, 16, 16), 2, 2, 0, True),
+    ((1, 17, 33, 12), (7, 2), (3, 1), (3, 1), False),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_all_layouts_bitwise_equal(dtype, monkeypatch, seed):
+@pytest.mark.parametrize("case", LAYOUT_GEOMETRIES, ids=str)
+def test_all_layouts_bitwise_equal(case, dtype, monkeypatch, seed):
     """rows, blocks (forced with LIP_CUDA_CPU_PLANES) and channels_last run
-    the same window arithmetic in the same order: bitwise equal results.
-    37 channels: full lane blocks and a partial one."""
-    x, logit = random_inputs((2, 37, 13, 21), dtype, "contiguous")
-    grad_out = torch.randn(2, 37, 7, 11).to(dtype)
+    the same window arithmetic in the same order (the same strip maxima,
+    fallback windows and sums in the tile form): bitwise equal results.
+    Channels over 16: full lane blocks and a partial one."""
+    shape, k, s, p, ceil = case
+    x, logit = random_inputs(shape, dtype, "contiguous")
+    out_shape = torch.nn.functional.avg_pool2d(x.float(), k, s, p, ceil_mode=ceil).shape
+    grad_out = torch.randn(out_shape).to(dtype)
     results = {}
     for planes in ("rows", "blocks"):
         monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
-        results[planes], kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+        results[planes], kernel = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
         assert kernel.endswith(f"planes_{planes}")
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
     cl = torch.channels_last
     results["channels_last"], kernel = fused_with_grads(
-        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, 3, 2, 1, False)
+        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, k, s, p, ceil)
     assert kernel.endswith("channels_last")
     for name in ("blocks", "channels_last"):
         for a, b in zip(results["rows"], results[name]):
             assert torch.equal(a, b), name
-    assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, 3, 2, 1), dtype)
+    assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, k, s, p, ceil), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
