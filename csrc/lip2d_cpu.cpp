@@ -304,8 +304,8 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
       for (int64_t w = 0; w < g.W; ++w, lp += d.l_pixel, xp += d.x_pixel) {
         // Pixels are C elements apart, a stride the hardware prefetchers
         // follow late: fetch the logits a few pixels ahead, and x for the
-        // weight pass that follows (measured on AVX-512 with inputs out of
-        // cache: forward 1.6x faster).
+        // weight pass that follows (measured on the AVX-512 VM with inputs
+        // out of cache: forward 1.3-1.45x faster on three LIP-ResNet layers).
         LIP_UNROLL
         for (int b = 0; b < kMaxStripBlocks; ++b) {
           __builtin_prefetch(lp + kPrefetchPixels * d.l_pixel + b * kLanes);
@@ -444,10 +444,10 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg) {
   float* max_ptr = t.window_max.mutable_data_ptr<float>();
   float* inv_ptr = t.inv_weight_sum.mutable_data_ptr<float>();
   const int64_t strips = strip_count(g);
-  // Lane blocks per task: as many as keep a strip's inputs, its weight ring
-  // and the next strip fetched ahead within about a fifth of a 1 MiB L2
-  // (measured, AVX-512, float32: 4 blocks of the 64x112x112 stem ran 15%
-  // slower than 1; the 28x28 layers are fastest with 4).
+  // Lane blocks per task: as many as keep a strip's inputs and its weight
+  // ring within about a fifth of a 1 MiB L2, with room for the next strip
+  // fetched ahead (4 blocks of the float32 64x112x112 stem would hold about
+  // 0.7 MiB; the 28x28 and 14x14 layers take all 4).
   const int64_t block_bytes =
       (strip_rows(g) * (sizeof(x_t) + sizeof(l_t)) + 2 * ring_rows(g) * sizeof(float)) * g.W * kLanes;
   const int64_t group_blocks =
