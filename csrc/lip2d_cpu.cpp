@@ -1240,48 +1240,55 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg) {
   });
 }
 
+// Which of the three kernels runs a call (float lanes; float64 never gets
+// here), and its name for _lip2d_last_kernel.
+enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows };
+
+CpuKernel cpu_kernel_for(const CallGeometry& cg) {
+  if (cg.channels_last) return CpuKernel::ChannelsLast;
+  return use_blocks(cg.g) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+}
+
+const char* cpu_kernel_name(CpuKernel kernel) {
+  switch (kernel) {
+    case CpuKernel::ChannelsLast: return "cpu_" LIP_CPU_ISA_NAME "_channels_last";
+    case CpuKernel::PlanesBlocks: return "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
+    default: return "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
+  }
+}
+
 }  // namespace
 
 const char* forward(const ForwardTensors& t, const CallGeometry& cg) {
-  const char* name = "";
+  const CpuKernel kernel = cpu_kernel_for(cg);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);
     if constexpr (!std::is_same_v<x_t, double>) {
-      if (cg.channels_last) {
-        forward_channels_last<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_channels_last";
-      } else if (use_blocks(cg.g)) {
-        forward_planes<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
-      } else {
-        forward_rows<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
+      switch (kernel) {
+        case CpuKernel::ChannelsLast: forward_channels_last<x_t, l_t>(t, cg); break;
+        case CpuKernel::PlanesBlocks: forward_planes<x_t, l_t>(t, cg); break;
+        default: forward_rows<x_t, l_t>(t, cg); break;
       }
     }
   });
-  return name;
+  return cpu_kernel_name(kernel);
 }
 
 const char* backward(const BackwardTensors& t, const CallGeometry& cg) {
-  const char* name = "";
+  const CpuKernel kernel = cpu_kernel_for(cg);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);
     if constexpr (!std::is_same_v<x_t, double>) {
-      if (cg.channels_last) {
-        backward_channels_last<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_channels_last";
-      } else if (use_blocks(cg.g)) {
-        backward_planes<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
-      } else {
-        backward_rows<x_t, l_t>(t, cg);
-        name = "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
+      switch (kernel) {
+        case CpuKernel::ChannelsLast: backward_channels_last<x_t, l_t>(t, cg); break;
+        case CpuKernel::PlanesBlocks: backward_planes<x_t, l_t>(t, cg); break;
+        default: backward_rows<x_t, l_t>(t, cg); break;
       }
     }
   });
-  return name;
+  return cpu_kernel_name(kernel);
 }
 
 }  // namespace LIP_CPU_NS

@@ -130,6 +130,24 @@ inline LaunchShape generic_shape(int64_t numel) {
 
 // Runs the forward of one call through `launcher`. Returns the name of the
 // kernel it picked (for tests and benchmarks).
+// The generic kernel (GenericForward or GenericBackward) over `threads`
+// elements, with 64-bit offsets where 32 bits do not reach (or when forced).
+template <template <bool, typename, typename, typename, typename> class Generic, typename Launcher,
+          template <typename, typename, typename> class ArgsT, typename x_t, typename l_t,
+          typename acc_t>
+const char* launch_generic(Launcher& launcher, const ArgsT<x_t, l_t, acc_t>& a, int64_t threads,
+                           bool channels_last, bool force_int64) {
+  const LaunchShape shape = generic_shape(threads);
+  if (force_int64 || !fits_int32(a.g)) {
+    channels_last ? launcher.template launch<Generic<true, x_t, l_t, acc_t, int64_t>>(shape, a)
+                  : launcher.template launch<Generic<false, x_t, l_t, acc_t, int64_t>>(shape, a);
+    return "generic_int64";
+  }
+  channels_last ? launcher.template launch<Generic<true, x_t, l_t, acc_t, int32_t>>(shape, a)
+                : launcher.template launch<Generic<false, x_t, l_t, acc_t, int32_t>>(shape, a);
+  return "generic_int32";
+}
+
 template <typename Launcher, typename x_t, typename l_t, typename acc_t>
 const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc_t>& a,
                              bool channels_last, KernelVariant variant, bool force_int64) {
@@ -158,15 +176,8 @@ const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc
     }
     if (launched) return channels_last ? "fast_channels_last" : "fast_planes";
   }
-  const LaunchShape shape = generic_shape(g.N * g.C * g.OH * g.OW);
-  if (force_int64 || !fits_int32(g)) {
-    channels_last ? launcher.template launch<GenericForward<true, x_t, l_t, acc_t, int64_t>>(shape, a)
-                  : launcher.template launch<GenericForward<false, x_t, l_t, acc_t, int64_t>>(shape, a);
-    return "generic_int64";
-  }
-  channels_last ? launcher.template launch<GenericForward<true, x_t, l_t, acc_t, int32_t>>(shape, a)
-                : launcher.template launch<GenericForward<false, x_t, l_t, acc_t, int32_t>>(shape, a);
-  return "generic_int32";
+  return launch_generic<GenericForward>(launcher, a, g.N * g.C * g.OH * g.OW, channels_last,
+                                       force_int64);
 }
 
 template <typename Launcher, typename x_t, typename l_t, typename acc_t>
@@ -199,15 +210,8 @@ const char* dispatch_backward(Launcher& launcher, const BackwardArgs<x_t, l_t, a
     }
     if (launched) return channels_last ? "fast_channels_last" : "fast_planes";
   }
-  const LaunchShape shape = generic_shape(g.N * g.C * g.H * g.W);
-  if (force_int64 || !fits_int32(g)) {
-    channels_last ? launcher.template launch<GenericBackward<true, x_t, l_t, acc_t, int64_t>>(shape, a)
-                  : launcher.template launch<GenericBackward<false, x_t, l_t, acc_t, int64_t>>(shape, a);
-    return "generic_int64";
-  }
-  channels_last ? launcher.template launch<GenericBackward<true, x_t, l_t, acc_t, int32_t>>(shape, a)
-                : launcher.template launch<GenericBackward<false, x_t, l_t, acc_t, int32_t>>(shape, a);
-  return "generic_int32";
+  return launch_generic<GenericBackward>(launcher, a, g.N * g.C * g.H * g.W, channels_last,
+                                        force_int64);
 }
 
 // The typed dispatch of one call through `launcher`, shared by the CUDA
