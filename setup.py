@@ -85,7 +85,8 @@ def openmp_flags() -> list:
 
 def extension():
     isa_sources = cpu_isa_sources()
-    sources = [f"{CSRC}/module.cpp", f"{CSRC}/lip2d.cpp", f"{CSRC}/lip2d_cpu.cpp", f"{CSRC}/lip2d_emulate.cpp"]
+    sources = [f"{CSRC}/{name}" for name in (
+        "module.cpp", "lip2d.cpp", "lip2d_autograd.cpp", "lip2d_cpu.cpp", "lip2d_emulate.cpp")]
     sources += isa_sources
     macros = [("LIP_CPU_ISA_BUILDS", None)] if isa_sources else []
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions

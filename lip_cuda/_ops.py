@@ -1,5 +1,7 @@
-"""Python side of the torch.ops.lip_cuda operators: fake (meta) kernels for
-tracing and the autograd formula. The kernels themselves are C++/CUDA.
+"""Python side of the torch.ops.lip_cuda operators: their fake (meta) kernels
+for tracing. The kernels and the autograd formula are C++/CUDA (autograd in
+csrc/lip2d_autograd.cpp: a Python autograd layer cost more host time than
+the GPU kernels of small layers take).
 
 Operators (schemas in csrc/lip2d.cpp):
 
@@ -77,35 +79,3 @@ def _lip2d_backward_fake(
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     grad_logit = torch.empty(logit.shape, dtype=logit.dtype, device=x.device, memory_format=fmt)
     return grad_x, grad_logit
-
-
-def _forward_setup_context(ctx, inputs, output) -> None:
-    x, logit, kernel_size, stride, padding, ceil_mode = inputs
-    out, window_max, inv_weight_sum = output
-    ctx.save_for_backward(x, logit, out, window_max, inv_weight_sum)
-    ctx.pool_args = (kernel_size, stride, padding, ceil_mode)
-    ctx.mark_non_differentiable(window_max, inv_weight_sum)
-
-
-def _forward_backward(ctx, grad_out: torch.Tensor, grad_max: torch.Tensor, grad_inv: torch.Tensor):
-    x, logit, out, window_max, inv_weight_sum = ctx.saved_tensors
-    grad_x, grad_logit = torch.ops.lip_cuda.lip2d_backward(
-        grad_out.to(out.dtype), x, logit, out, window_max, inv_weight_sum, *ctx.pool_args
-    )
-    return grad_x, grad_logit, None, None, None, None
-
-
-def _backward_setup_context(ctx, inputs, output) -> None:
-    pass
-
-
-def _backward_backward(ctx, *grads):
-    raise NotImplementedError("lip_cuda: double backward (grad of grad) of lip2d is not supported")
-
-
-torch.library.register_autograd(
-    "lip_cuda::lip2d_forward", _forward_backward, setup_context=_forward_setup_context
-)
-torch.library.register_autograd(
-    "lip_cuda::lip2d_backward", _backward_backward, setup_context=_backward_setup_context
-)

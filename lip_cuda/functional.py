@@ -33,6 +33,11 @@ def _logit_for_kernel(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
 
     Sharing across N and C is read natively by the kernels (no copy); any
     other broadcast (over H or W) is expanded first."""
+    if logit.dim() == 4:  # the common case, without broadcast_shapes' host cost
+        ln, lc, lh, lw = logit.shape
+        n, c, h, w = x.shape
+        if lh == h and lw == w and ln in (1, n) and lc in (1, c):
+            return logit
     try:
         shape = torch.broadcast_shapes(logit.shape, x.shape)
     except RuntimeError:
