@@ -147,8 +147,10 @@ def test_cuda_table_and_json(tmp_path: Path) -> None:
     assert doc["copy_gbps"] > 0 and doc["device"] == torch.cuda.get_device_name()
     for r in doc["results"]:
         assert r["fwd_bwd_gbps"] > 0 and r["extra_peak_bytes"] > 0, r
+    # the table rounds GB/s: a tiny shape's (a few KB in 0.1 ms) prints as 0,
+    # so > 0 is checked on the JSON above and only the parse here
     for row in table_rows(proc.stdout):
-        assert float(row[10]) > 0 and float(row[11]) >= 0 and float(row[12]) >= 0, row
+        assert all(float(value) >= 0 for value in row[10:13]), row
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
