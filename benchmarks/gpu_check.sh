@@ -2,7 +2,14 @@
 # Everything a GPU session needs, in one command:
 #
 #   bash benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine (about 8 minutes at most)
+#   bash benchmarks/gpu_check.sh --quick OUTDIR      # fast variant only, about 4 minutes (see below)
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR  # the same steps, tiny, on the CPU (tests the script)
+#
+# --quick is for a second GPU run in a session that has spent most of its
+# device time: build, the CUDA tests under the fast variant, the benchmark
+# of fast against eager (no torch.compile, no generic), the training step
+# with fast, and memcheck. Compare its figures with a full run's compile
+# column only on the same GPU model.
 #
 # GPU steps, each under its own time limit and all under one deadline, in
 # order of what matters most when time runs short:
@@ -21,11 +28,15 @@
 set -uo pipefail
 
 MODE=gpu
-if [ "${1:-}" = "--cpu-smoke" ]; then
-  MODE=cpu
+QUICK=0
+while [ "${1:-}" = "--cpu-smoke" ] || [ "${1:-}" = "--quick" ]; do
+  [ "$1" = "--cpu-smoke" ] && MODE=cpu
+  [ "$1" = "--quick" ] && QUICK=1
   shift
-fi
-OUT=${1:?usage: bash benchmarks/gpu_check.sh [--cpu-smoke] OUTDIR}
+done
+VARIANTS=(generic fast)
+[ "$QUICK" = 1 ] && VARIANTS=(fast)
+OUT=${1:?usage: bash benchmarks/gpu_check.sh [--cpu-smoke] [--quick] OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -87,19 +98,24 @@ else
   TRAIN_ARGS=(--device cpu --batch 2 --size 64 --steps 2 --warmup 1)
 fi
 
-for variant in generic fast; do
+for variant in "${VARIANTS[@]}"; do
   step "tests_$variant" 200 env LIP_CUDA_KERNELS=$variant "$PY" -m pytest -q -p no:cacheprovider "${TEST_SEL[@]}"
 done
 
 # fused (both variants) and eager first: seconds; torch.compile of the
 # reference later, one dtype/layout at a time, since compiling every case
 # takes minutes and a timeout should cost only what it cut.
-step bench_generic 150 env LIP_CUDA_KERNELS=generic "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
-  --impls fused,reference --no-compile --json "$WORK/bench_generic.json"
-step bench_fast 100 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
-  --impls fused --no-compile --json "$WORK/bench_fast.json"
+if [ "$QUICK" = 1 ]; then
+  step bench_fast 150 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+    --impls fused,reference --no-compile --json "$WORK/bench_fast.json"
+else
+  step bench_generic 150 env LIP_CUDA_KERNELS=generic "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+    --impls fused,reference --no-compile --json "$WORK/bench_generic.json"
+  step bench_fast 100 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
+    --impls fused --no-compile --json "$WORK/bench_fast.json"
+fi
 
-for variant in fast generic; do
+for variant in $([ "$QUICK" = 1 ] && echo fast || echo fast generic); do
   step "train_bf16_cl_$variant" 90 env LIP_CUDA_KERNELS=$variant "$PY" benchmarks/bench_train.py \
     "${TRAIN_ARGS[@]}" --dtype bfloat16 --channels-last --json "$WORK/train_bf16_cl_$variant.json"
 done
@@ -108,7 +124,7 @@ step train_fp32_fast 90 env LIP_CUDA_KERNELS=fast "$PY" benchmarks/bench_train.p
 
 if [ "$MODE" = gpu ]; then
   if command -v compute-sanitizer > /dev/null; then
-    for tool in memcheck racecheck initcheck synccheck; do
+    for tool in $([ "$QUICK" = 1 ] && echo memcheck || echo memcheck racecheck initcheck synccheck); do
       step "sanitizer_$tool" 100 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         "$PY" benchmarks/gpu_workload.py
     done
@@ -119,6 +135,7 @@ else
   step workload 120 "$PY" benchmarks/gpu_workload.py --device cpu
 fi
 
+[ "$QUICK" = 1 ] && COMPILED_CASES=()
 for case in "${COMPILED_CASES[@]}"; do
   read -r dtype layout <<< "$case"
   step "bench_compiled_${dtype}_${layout}" 150 "$PY" benchmarks/bench_lip.py "${BENCH_ARGS[@]}" \
@@ -126,13 +143,13 @@ for case in "${COMPILED_CASES[@]}"; do
     --json "$WORK/bench_compiled_${dtype}_${layout}.json"
 done
 
-if [ "$MODE" = gpu ] && command -v ncu > /dev/null; then
+if [ "$MODE" = gpu ] && [ "$QUICK" = 0 ] && command -v ncu > /dev/null; then
   step ncu 90 ncu --kernel-name regex:lip_kernel_entry --metrics \
     gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     "$PY" benchmarks/gpu_workload.py --ncu
 fi
 
-"$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE"
+"$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE" --variants "${VARIANTS[*]}"
 rc=$?
 rm -rf "$WORK"
 exit $rc

@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("work", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
+    ap.add_argument("--variants", default="generic fast",
+                    help="the kernel variants whose tests ran (gpu_check.sh --quick: fast alone)")
     args = ap.parse_args()
     work, out = args.work, args.out
     steps = read_steps(work)
@@ -147,7 +149,7 @@ def main() -> int:
 
     results: Dict[str, Any] = {"mode": args.mode, "commit": commit, "steps": steps,
                                "environment": log_of(work, "env").strip().splitlines()}
-    results["tests"] = {v: pytest_counts(log_of(work, f"tests_{v}")) for v in ("generic", "fast")}
+    results["tests"] = {v: pytest_counts(log_of(work, f"tests_{v}")) for v in args.variants.split()}
     results["sanitizer"] = {tool: sanitizer_verdict(log_of(work, f"sanitizer_{tool}"), steps.get(f"sanitizer_{tool}"))
                             for tool in ("memcheck", "racecheck", "initcheck", "synccheck")}
     if (work / "sanitizer_missing").exists():
@@ -186,7 +188,7 @@ def main() -> int:
     if results["workload"]:
         lines.append(f"workload: {results['workload'][0]}")
     device = (bench["generic"] or bench["fast"] or {}).get("device")
-    copy = (bench["generic"] or {}).get("copy_gbps")
+    copy = (bench["generic"] or bench["fast"] or {}).get("copy_gbps")
     lines.append(f"kernel benchmark (fwd+bwd medians, ms; speedup of fused over eager / torch.compile) on {device}"
                  + (f", copy {copy:.0f} GB/s" if copy else "") + ":")
     lines.append(f"  {'layer':<6} {'dtype':<9} {'layout':<14} {'eager':>8} {'compile':>8} {'generic':>8} "

@@ -4,12 +4,13 @@
 // grid), so both pick the same kernel for the same call.
 //
 // Variants (LIP_CUDA_KERNELS, read at each call):
-//   generic  any geometry; one thread per element (the default until a GPU
-//            run has validated the fast kernels)
-//   fast     kernel/stride/padding 3/2/1, 2/2/0 or 3/1/1 (square) take the
+//   generic  any geometry; one thread per element
+//   fast     (the default since the H200 run of benchmarks/results/
+//            gpu_h200_9b2e83d passed every CUDA test and sanitizer with it)
+//            kernel/stride/padding 3/2/1, 2/2/0 or 3/1/1 (square) take the
 //            compile-time kernels of lip_kernel_threads.h; anything else, or
 //            a channels_last call whose channels or pointers do not allow
-//            16-byte vectors, falls back to generic.
+//            channel vectors (fast_vector_width), falls back to generic.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -29,12 +30,12 @@ enum class KernelVariant { Generic, Fast };
 
 inline KernelVariant kernel_variant_from_env() {
   const char* value = std::getenv("LIP_CUDA_KERNELS");
-  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "generic") == 0) {
-    return KernelVariant::Generic;
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "fast") == 0) {
+    return KernelVariant::Fast;
   }
-  TORCH_CHECK(std::strcmp(value, "fast") == 0,
+  TORCH_CHECK(std::strcmp(value, "generic") == 0,
               "lip2d: LIP_CUDA_KERNELS must be 'generic' or 'fast', but it is '", value, "'");
-  return KernelVariant::Fast;
+  return KernelVariant::Generic;
 }
 
 struct LaunchShape {
@@ -83,10 +84,20 @@ inline bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// Channels per vector of a channels_last fast kernel: 16 bytes of x.
+// Channels per thread of a channels_last fast kernel. Backward: a 16-byte
+// vector of x. Forward: at most 4, since a forward thread holds its window's
+// K * K logits per channel in registers: with 8 (bfloat16/float16, 16 bytes)
+// ptxas -v (sm_90) gave 126 registers a thread, a quarter of the SM's warps,
+// and the H200 run measured the bfloat16 forward slower than float32's
+// (0.254 vs 0.228 ms at the stem layer) although it moves half the bytes.
 template <typename x_t>
 constexpr int fast_vector_width() {
   return static_cast<int>(16 / sizeof(x_t));
+}
+
+template <typename x_t>
+constexpr int fast_forward_vector_width() {
+  return fast_vector_width<x_t>() < 4 ? fast_vector_width<x_t>() : 4;
 }
 
 // 32-bit offsets when every tensor of the call has fewer than 2^31 elements.
@@ -114,10 +125,12 @@ inline bool channels_last_shape(int64_t rows, int64_t cols, int64_t vectors, Lau
 
 // Grid of a fast plane (NCHW) kernel over `rows` plane rows of `cols` columns.
 inline bool planes_shape(const LipGeometry& g, int64_t rows, int64_t cols, LaunchShape& shape) {
-  const int64_t blocks_x = ceil_div(rows, kPlaneBlockY);
-  const int64_t blocks_y = ceil_div(cols, kPlaneBlockX);
+  const int32_t width = cols > 16 ? 32 : (cols > 8 ? 16 : 8);
+  const int32_t height = kFastThreads / width;
+  const int64_t blocks_x = ceil_div(rows, height);
+  const int64_t blocks_y = ceil_div(cols, width);
   if (blocks_x > kMaxGridX || blocks_y > kMaxGridY || g.H * g.W > kMaxGridX) return false;
-  shape = {blocks_x, static_cast<int32_t>(blocks_y), kPlaneBlockX, kPlaneBlockY};
+  shape = {blocks_x, static_cast<int32_t>(blocks_y), width, height};
   return true;
 }
 
@@ -154,7 +167,7 @@ const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc
   const LipGeometry& g = a.g;
   const FastGeometry fg = fast_geometry(g);
   if (variant == KernelVariant::Fast && fg != FastGeometry::None) {
-    constexpr int V = fast_vector_width<x_t>();
+    constexpr int V = fast_forward_vector_width<x_t>();
     LaunchShape shape{};
     bool launched = false;
     if (channels_last) {
@@ -201,12 +214,16 @@ const char* dispatch_backward(Launcher& launcher, const BackwardArgs<x_t, l_t, a
         });
         launched = true;
       }
-    } else if (planes_shape(g, g.N * g.C * g.H, g.W, shape)) {
+    } else {
       with_fast_geometry(fg, [&](auto k, auto s, auto p) {
         constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
-        launcher.template launch<FastBackwardPlanes<K, S, P, x_t, l_t, acc_t>>(shape, a);
+        using Kernel = FastBackwardPlanes<K, S, P, x_t, l_t, acc_t>;
+        // one thread per S x S block of inputs
+        if (planes_shape(g, g.N * g.C * Kernel::blocks(g.H), Kernel::blocks(g.W), shape)) {
+          launcher.template launch<Kernel>(shape, a);
+          launched = true;
+        }
       });
-      launched = true;
     }
     if (launched) return channels_last ? "fast_channels_last" : "fast_planes";
   }

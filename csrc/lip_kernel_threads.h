@@ -13,8 +13,10 @@
 // - fast: compile-time square kernel K, stride S, padding P (the geometries
 //   networks use); no index division in the tap loops, unrolled taps, the
 //   logits of a window loaded once into registers. channels_last threads own
-//   a vector of V channels (16-byte loads of x); contiguous threads own one
-//   element of a plane row. Offsets are int64 at the plane/row base.
+//   a vector of V channels (8- or 16-byte loads of x); contiguous threads
+//   own one output (forward) or an S x S block of inputs (backward, so the
+//   block's covering outputs are loaded once). Offsets are int64 at the
+//   plane/row base.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -27,13 +29,15 @@
 
 namespace lip_cuda {
 
-// The launch-grid coordinates of one thread (CUDA's blockIdx.x/y and
-// threadIdx.x/y); blockDim is fixed per kernel family.
+// The launch-grid coordinates of one thread (CUDA's blockIdx.x/y,
+// threadIdx.x/y and blockDim.x). Blocks have kFastThreads threads; only the
+// plane kernels choose their width (block_dim_x), the others use x alone.
 struct ThreadIndex {
   int64_t block_x;
   int32_t block_y;
   int32_t thread_x;
   int32_t thread_y;
+  int32_t block_dim_x;
 };
 
 template <typename x_t, typename l_t, typename acc_t>
@@ -193,7 +197,7 @@ LIP_UNROLL
 
 // channels_last forward. Grid: x = output rows (n * OH + oh), y * 128 +
 // thread_x = (ow, channel vector) of that row, channel vector fastest so a
-// warp reads contiguous 16-byte vectors. The host checks C % V == 0 and the
+// warp reads contiguous vectors. The host checks C % V == 0 and the
 // pointers' alignment.
 template <int K, int S, int P, int V, typename x_t, typename l_t, typename acc_t>
 struct FastForwardChannelsLast {
@@ -337,11 +341,17 @@ LIP_UNROLL
   }
 };
 
-// Contiguous (NCHW) plans: blocks of kPlaneBlockX columns x kPlaneBlockY
-// plane rows; grid x over rows, y over columns. No division but one by the
-// plane height (and one by C when the logit is broadcast).
-constexpr int kPlaneBlockY = 4;
-constexpr int kPlaneBlockX = kFastThreads / kPlaneBlockY;
+// Contiguous (NCHW) plans: blocks of block_dim_x columns x (kFastThreads /
+// block_dim_x) plane rows; grid x over rows, y over columns. The host picks
+// the width (8, 16 or 32) that the row's columns fill best: the deep
+// LIP-ResNet layers have 7 output columns, and 32-wide blocks left 25 of 32
+// threads idle there. No division but one by the plane height (and one by
+// C when the logit is broadcast).
+LIP_HOST_DEVICE int64_t plane_row(const ThreadIndex& t) {
+  return t.block_x * (kFastThreads / t.block_dim_x) + t.thread_y;
+}
+
+LIP_HOST_DEVICE int32_t plane_col(const ThreadIndex& t) { return t.block_y * t.block_dim_x + t.thread_x; }
 
 // The (n, c) plane of a plane index, for a logit shared across n or c.
 LIP_HOST_DEVICE int64_t logit_plane_offset(int64_t plane, int64_t C, const LogitStrides& ls) {
@@ -356,8 +366,8 @@ struct FastForwardPlanes {
 
   static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
     const LipGeometry& g = a.g;
-    const int64_t row = t.block_x * kPlaneBlockY + t.thread_y;  // plane * OH + oh
-    const int32_t ow = t.block_y * kPlaneBlockX + t.thread_x;
+    const int64_t row = plane_row(t);  // plane * OH + oh
+    const int32_t ow = plane_col(t);
     const int32_t H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W),
                   OH = static_cast<int32_t>(g.OH), OW = static_cast<int32_t>(g.OW);
     if (row >= g.N * g.C * OH || ow >= OW) return;
@@ -409,46 +419,90 @@ LIP_UNROLL
   }
 };
 
+// Contiguous backward: each thread owns an S x S block of inputs (rows
+// S * hb.., columns S * wb..), loads the block's covering outputs once
+// (kBlockCover^2 of them: 2 x 2 at k3 s2) and then runs each input's taps
+// from registers. At S = 2 that is 4 output loads per array for 4 inputs
+// where one thread per input needed 9.
 template <int K, int S, int P, typename x_t, typename l_t, typename acc_t>
 struct FastBackwardPlanes {
   using Args = BackwardArgs<x_t, l_t, acc_t>;
   using Step = WindowStep<ScalarMath<acc_t>>;
-  static constexpr int kCover = (K + S - 1) / S;
+  // outputs along one dimension that cover S consecutive inputs
+  static constexpr int kBlockCover = (K + S - 2) / S + 1;
+
+  // Input blocks of a plane along a dimension of `size` inputs.
+  static LIP_HOST_DEVICE int64_t blocks(int64_t size) { return (size + S - 1) / S; }
 
   static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
     const LipGeometry& g = a.g;
-    const int64_t row = t.block_x * kPlaneBlockY + t.thread_y;  // plane * H + h
-    const int32_t w = t.block_y * kPlaneBlockX + t.thread_x;
     const int32_t H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W),
                   OH = static_cast<int32_t>(g.OH), OW = static_cast<int32_t>(g.OW);
-    if (row >= g.N * g.C * H || w >= W) return;
-    const int64_t plane = row / H;
-    const int32_t h = static_cast<int32_t>(row - plane * H);
-    const int64_t i = row * W + w;
+    const int32_t HB = static_cast<int32_t>(blocks(H)), WB = static_cast<int32_t>(blocks(W));
+    const int64_t row = plane_row(t);  // plane * HB + hb
+    const int32_t wb = plane_col(t);
+    if (row >= g.N * g.C * HB || wb >= WB) return;
+    const int64_t plane = row / HB;
+    const int32_t h0 = static_cast<int32_t>(row - plane * HB) * S, w0 = wb * S;
+    const int32_t h_last = h0 + S - 1 < H ? h0 + S - 1 : H - 1;
+    const int32_t w_last = w0 + S - 1 < W ? w0 + S - 1 : W - 1;
+    int32_t oh_first, oh_last, ow_first, ow_last, unused;
+    fast_covering<K, S, P>(h0, OH, oh_first, unused);
+    fast_covering<K, S, P>(h_last, OH, unused, oh_last);
+    fast_covering<K, S, P>(w0, OW, ow_first, unused);
+    fast_covering<K, S, P>(w_last, OW, unused, ow_last);
+
+    acc_t go[kBlockCover][kBlockCover], y[kBlockCover][kBlockCover], m[kBlockCover][kBlockCover],
+        inv[kBlockCover][kBlockCover];
+    bool valid[kBlockCover][kBlockCover];
+LIP_UNROLL
+    for (int dh = 0; dh < kBlockCover; ++dh) {
+LIP_UNROLL
+      for (int dw = 0; dw < kBlockCover; ++dw) {
+        const int32_t oh = oh_first + dh, ow = ow_first + dw;
+        valid[dh][dw] = oh <= oh_last && ow <= ow_last;
+        if (valid[dh][dw]) {
+          const int64_t o = (plane * OH + oh) * OW + ow;
+          go[dh][dw] = static_cast<acc_t>(a.grad_out[o]);
+          y[dh][dw] = static_cast<acc_t>(a.out[o]);
+          m[dh][dw] = a.window_max[o];
+          inv[dh][dw] = a.inv_weight_sum[o];
+        } else {
+          go[dh][dw] = y[dh][dw] = m[dh][dw] = inv[dh][dw] = 0;  // never read; quiets the compiler
+        }
+      }
+    }
     const l_t* l_plane =
         a.logit + (a.ls.c == static_cast<int64_t>(H) * W && a.ls.n == g.C * a.ls.c
                        ? plane * H * W
                        : logit_plane_offset(plane, g.C, a.ls));
-    const acc_t l = static_cast<acc_t>(l_plane[h * W + w]);
-    const acc_t xi = static_cast<acc_t>(a.x[i]);
-    int32_t oh0, oh1, ow0, ow1;
-    fast_covering<K, S, P>(h, OH, oh0, oh1);
-    fast_covering<K, S, P>(w, OW, ow0, ow1);
-    acc_t dx = 0, dl = 0;
+    // window start of the first covering output, relative to the block
+    const int32_t h_base = h0 - (oh_first * S - P), w_base = w0 - (ow_first * S - P);
 LIP_UNROLL
-    for (int dh = 0; dh < kCover; ++dh) {
+    for (int sh = 0; sh < S; ++sh) {
 LIP_UNROLL
-      for (int dw = 0; dw < kCover; ++dw) {
-        const int32_t oh = oh0 + dh, ow = ow0 + dw;
-        if (oh <= oh1 && ow <= ow1) {
-          const int64_t o = (plane * OH + oh) * OW + ow;
-          Step::grad_tap(l, xi, static_cast<acc_t>(a.grad_out[o]), static_cast<acc_t>(a.out[o]),
-                         a.window_max[o], a.inv_weight_sum[o], dx, dl);
+      for (int sw = 0; sw < S; ++sw) {
+        const int32_t h = h0 + sh, w = w0 + sw;
+        if (h >= H || w >= W) continue;
+        const int64_t i = (plane * H + h) * W + w;
+        const acc_t l = static_cast<acc_t>(l_plane[h * W + w]);
+        const acc_t xi = static_cast<acc_t>(a.x[i]);
+        acc_t dx = 0, dl = 0;
+LIP_UNROLL
+        for (int dh = 0; dh < kBlockCover; ++dh) {
+          const int32_t th = h_base + sh - dh * S;  // tap row of input h in output row dh's window
+LIP_UNROLL
+          for (int dw = 0; dw < kBlockCover; ++dw) {
+            const int32_t tw = w_base + sw - dw * S;
+            if (valid[dh][dw] && th >= 0 && th < K && tw >= 0 && tw < K) {
+              Step::grad_tap(l, xi, go[dh][dw], y[dh][dw], m[dh][dw], inv[dh][dw], dx, dl);
+            }
+          }
         }
+        a.grad_x[i] = static_cast<x_t>(dx);
+        a.grad_logit[i] = static_cast<l_t>(dl);
       }
     }
-    a.grad_x[i] = static_cast<x_t>(dx);
-    a.grad_logit[i] = static_cast<l_t>(dl);
   }
 };
 

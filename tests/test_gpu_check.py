@@ -36,3 +36,20 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert results["workload"] and "0 mismatches" in results["workload"][0]
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.rstrip().endswith("verdict: ok") and summary in proc.stdout
+
+
+def test_gpu_check_cpu_smoke_quick(tmp_path):
+    """--quick (a second GPU run on little device time): the fast variant
+    alone, benchmarked against eager, without torch.compile."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--quick", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdict"] == "ok"
+    assert list(results["tests"]) == ["fast"] and results["tests"]["fast"]["passed"] > 0
+    assert not [name for name in results["steps"] if "generic" in name or "compiled" in name]
+    rows = results["speedups"]
+    assert rows and all(r["reference_ms"] > 0 and r["fused_fast_ms"] > 0 and "fused_generic_ms" not in r
+                        for r in rows)
+    assert set(results["train"]) == {"train_bf16_cl_fast", "train_fp32_fast"}

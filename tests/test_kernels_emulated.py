@@ -46,6 +46,8 @@ TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-6, 5e-6),
 FAST_GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1)]
 # channels per 16-byte vector of x in the fast channels_last kernels
 VECTOR = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}
+# the channels_last forward holds at most 4 channels a thread (registers)
+FORWARD_VECTOR = {dtype: min(v, 4) for dtype, v in VECTOR.items()}
 
 
 def pair_id(pair):
@@ -213,6 +215,34 @@ def test_emulated_fast_falls_back_without_vectors(pair, backend, seed):
     out, gx, gl, fk, _ = run_emulated(x_run, logit, grad_out, 3, 2, 1, False, "fast", False, backend)
     assert fk == "generic_int32"
     check_against_oracle(x, logit, grad_out, out, gx, gl, 3, 2, 1, False)
+    if FORWARD_VECTOR[pair[0]] < v:
+        # channels whole vectors for the forward (4 a thread) but not the backward (8)
+        c = FORWARD_VECTOR[pair[0]]
+        x, logit = make_case((2, c, 7, 9), pair, "channels_last")
+        grad_out = torch.randn(2, c, 4, 5).to(pair[0])
+        out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, 3, 2, 1, False, "fast", False, backend)
+        assert (fk, bk) == ("fast_channels_last", "generic_int32")
+        check_against_oracle(x, logit, grad_out, out, gx, gl, 3, 2, 1, False)
+
+
+@pytest.mark.parametrize("geometry", FAST_GEOMETRIES, ids=lambda g: "k%ds%dp%d" % g)
+@pytest.mark.parametrize("ceil", [False, True])
+def test_emulated_fast_planes_block_edges(geometry, ceil, backend, seed):
+    """The contiguous fast backward owns S x S input blocks: odd and even
+    heights and widths (a partial last block), and ceil_mode windows that
+    leave inputs covered by no output, must all match the oracle; so must
+    the plane kernels at each block width the host picks."""
+    k, s, p = geometry
+    # widths that pick 8-, 16- and 32-column blocks (up to 16 or 35 columns)
+    for h, w in ((7, 9), (8, 10), (9, 6), (2, 3), (5, 33), (3, 70)):
+        if h + 2 * p < k or w + 2 * p < k:
+            continue
+        x, logit = make_case((2, 3, h, w), DTYPE_PAIRS[0], "contiguous")
+        out_shape = torch.nn.functional.avg_pool2d(x, k, s, p, ceil_mode=ceil).shape
+        grad_out = torch.randn(out_shape)
+        out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, "fast", False, backend)
+        assert (fk, bk) == ("fast_planes", "fast_planes")
+        check_against_oracle(x, logit, grad_out, out, gx, gl, k, s, p, ceil)
 
 
 @pytest.mark.parametrize("variant", ["generic", "fast"])
