@@ -144,6 +144,12 @@ def main() -> int:
     steps = read_steps(work)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        # The device tool copies the working tree but may carry an older .git
+        # (seen: the session's starting commit), so say whether they differ.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.splitlines()
+        if commit and changed:
+            commit += f" plus {len(changed)} changed tracked files (the tree that ran is newer)"
     except OSError:
         commit = None
 

@@ -18,7 +18,7 @@ template <typename Kernel, typename Args>
 __global__ void __launch_bounds__(kFastThreads) lip_kernel_entry(const Args args) {
   Kernel::run(ThreadIndex{static_cast<int64_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
                           static_cast<int32_t>(threadIdx.x), static_cast<int32_t>(threadIdx.y),
-                          static_cast<int32_t>(blockDim.x)},
+                          static_cast<int32_t>(blockDim.x), static_cast<int32_t>(blockDim.y)},
               args);
 }
 

@@ -20,7 +20,7 @@ struct EmulatedLauncher {
         for (int32_t by = 0; by < shape.grid_y; ++by) {
           for (int32_t ty = 0; ty < shape.block_y; ++ty) {
             for (int32_t tx = 0; tx < shape.block_x; ++tx) {
-              Kernel::run(ThreadIndex{bx, by, tx, ty, shape.block_x}, args);
+              Kernel::run(ThreadIndex{bx, by, tx, ty, shape.block_x, shape.block_y}, args);
             }
           }
         }
