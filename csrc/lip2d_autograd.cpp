@@ -2,7 +2,7 @@
 //
 // Why C++ and not torch.library.register_autograd: a Python autograd kernel
 // costs about 10 us of host time per forward and as much again per backward
-// (measured on the CPU, docs/kernels.md "Host overhead"). The GPU kernels of
+// (measured on the CPU: docs/kernels.md, "What the GPU runs measured"). The GPU kernels of
 // the small LIP-ResNet layers run for less than that, so a Python layer set
 // their speed. The fake (meta) kernels stay in Python (lip_cuda/_ops.py);
 // torch.compile traces this autograd like any other C++ one.
