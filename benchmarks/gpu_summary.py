@@ -55,7 +55,10 @@ def sanitizer_verdict(text: str, step: Optional[Dict[str, Any]]) -> Dict[str, An
         return {"verdict": "not run"}
     if step["skipped"]:
         return {"verdict": "skipped (out of time)"}
-    match = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    # memcheck/initcheck/synccheck end with "ERROR SUMMARY: N errors",
+    # racecheck with "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)"
+    match = re.search(r"ERROR SUMMARY: (\d+) error", text) or re.search(
+        r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text)
     if match is None:
         tail = " | ".join(text.strip().splitlines()[-3:])
         return {"verdict": "unavailable", "detail": tail[-300:], "exit": step["exit"]}

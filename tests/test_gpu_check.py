@@ -53,3 +53,24 @@ def test_gpu_check_cpu_smoke_quick(tmp_path):
     assert rows and all(r["reference_ms"] > 0 and r["fused_fast_ms"] > 0 and "fused_generic_ms" not in r
                         for r in rows)
     assert set(results["train"]) == {"train_bf16_cl_fast", "train_fp32_fast"}
+
+
+def test_sanitizer_verdicts():
+    """Each compute-sanitizer tool's last line, as the H200 run printed it,
+    gives a verdict; racecheck's summary line differs from the others'."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    step = {"skipped": False, "exit": 0}
+    ok = "gpu_workload: 336 forward+backward calls on cuda, 0 mismatches\n"
+    race_clean = ok + "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    race_bad = ok + "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warnings)\n"
+    assert gpu_summary.sanitizer_verdict(race_clean, step)["verdict"] == "clean"
+    assert gpu_summary.sanitizer_verdict(race_bad, step) == {"verdict": "ERRORS", "errors": 2,
+                                                              "workload_ok": True, "exit": 0}
+    assert gpu_summary.sanitizer_verdict(ok + "========= ERROR SUMMARY: 0 errors\n", step)["verdict"] == "clean"
+    assert gpu_summary.sanitizer_verdict("========= ERROR SUMMARY: 1 error\n", step)["verdict"] == "ERRORS"
+    assert gpu_summary.sanitizer_verdict("Device not supported\n", step)["verdict"] == "unavailable"
+    assert gpu_summary.sanitizer_verdict("", None)["verdict"] == "not run"
