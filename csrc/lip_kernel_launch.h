@@ -141,8 +141,6 @@ inline LaunchShape generic_shape(int64_t numel) {
   return {blocks, 1, kGenericThreads, 1};
 }
 
-// Runs the forward of one call through `launcher`. Returns the name of the
-// kernel it picked (for tests and benchmarks).
 // The generic kernel (GenericForward or GenericBackward) over `threads`
 // elements, with 64-bit offsets where 32 bits do not reach (or when forced).
 template <template <bool, typename, typename, typename, typename> class Generic, typename Launcher,
@@ -161,6 +159,8 @@ const char* launch_generic(Launcher& launcher, const ArgsT<x_t, l_t, acc_t>& a, 
   return "generic_int32";
 }
 
+// Runs the forward of one call through `launcher`. Returns the name of the
+// kernel it picked (for tests and benchmarks).
 template <typename Launcher, typename x_t, typename l_t, typename acc_t>
 const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc_t>& a,
                              bool channels_last, KernelVariant variant, bool force_int64) {

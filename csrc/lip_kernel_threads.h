@@ -343,14 +343,14 @@ LIP_UNROLL
   }
 };
 
-// Contiguous (NCHW) plans: blocks of block_dim_x columns x (kFastThreads /
-// block_dim_x) plane rows; grid x over rows, y over columns. The host picks
+// Contiguous (NCHW) plans: blocks of block_dim_x columns x block_dim_y
+// plane rows (128 threads); grid x over rows, y over columns. The host picks
 // the width (8, 16 or 32) that the row's columns fill best: the deep
 // LIP-ResNet layers have 7 output columns, and 32-wide blocks left 25 of 32
-// threads idle there. No division but one by the plane height (and one by
-// C when the logit is broadcast).
-// (blockDim.y, not kFastThreads / blockDim.x: a runtime division per thread
-// coincided with a 20% slower contiguous forward in the second H200 run)
+// threads idle there. The row comes from blockDim.y, not 128 / blockDim.x:
+// that runtime division coincided with a 20% slower contiguous forward in
+// the second H200 run. No other division but one by the plane height (and
+// one by C when the logit is broadcast).
 LIP_HOST_DEVICE int64_t plane_row(const ThreadIndex& t) { return t.block_x * t.block_dim_y + t.thread_y; }
 
 LIP_HOST_DEVICE int32_t plane_col(const ThreadIndex& t) { return t.block_y * t.block_dim_x + t.thread_x; }
