@@ -71,6 +71,20 @@ inline LaneInts lanes_between(int32_t lo, int32_t hi) {
   return (index >= lo) & (index < hi);
 }
 
+// Whether every lane of a comparison result is set: a mask test, not a
+// memcmp (which GCC leaves as a library call).
+inline bool all_set(LaneInts mask) {
+#if LIP_CPU_ISA == 2
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask)) == 0xFFFF;
+#elif LIP_CPU_ISA == 1
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(mask)) == 0xFF;
+#else
+  int32_t all = -1;
+  for (int l = 0; l < kLanes; ++l) all &= mask[l];
+  return all == -1;
+#endif
+}
+
 // max(a, b) that ignores NaN in b (a is the running max, so a NaN logit
 // does not become the max; its exp poisons the sums instead).
 // MAXPS(b, a) is exactly b > a ? b : a (NaN and equal zeros give its second
@@ -135,11 +149,7 @@ struct LaneMath {
   static Lanes quotient_or_zero(Lanes a, Lanes s) {
     return select(s == splat(0.0f), splat(0.0f), a / s);
   }
-  static bool any_below(Lanes a, Lanes bound) {
-    const LaneInts below = a < bound;
-    LaneInts none{};
-    return std::memcmp(&below, &none, sizeof(below)) != 0;
-  }
+  static bool any_below(Lanes a, Lanes bound) { return !all_set(!(a < bound)); }
   static Lanes select_below(Lanes a, Lanes bound, Lanes if_below, Lanes otherwise) {
     return select(a < bound, if_below, otherwise);
   }
