@@ -554,6 +554,17 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
 // Lane blocks per unrolled backward step: 4 independent chains (measured
 // 5-10% faster than 2 on AVX-512 for C >= 64; the rest take one at a time).
 constexpr int kBlocks = 4;
+// How far ahead (in pixels of the same input row) the channels_last
+// backward fetches x and the logit: at least 4 pixels and 2 KiB. The
+// hardware prefetchers alone left it waiting on memory; measured on the
+// AVX-512 VM, float32, 2 threads, inputs out of cache: backward 1.3-1.45x
+// faster (stem 0.72 -> 0.52 ms, s3b 0.45 -> 0.31 ms, s4b 0.20 -> 0.15 ms);
+// 8 pixels was best at 64 channels, 4 at 512 and 1024; fetching the
+// covering outputs' statistics or the gradients' lines too gained nothing.
+inline int64_t backward_prefetch_pixels(int64_t C, int64_t element_bytes) {
+  const int64_t pixel_bytes = std::max<int64_t>(1, C * element_bytes);
+  return std::max<int64_t>(4, (2048 + pixel_bytes - 1) / pixel_bytes);
+}
 
 template <typename x_t, typename l_t>
 void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
@@ -567,6 +578,7 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
   const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
   x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
   l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const int64_t ahead = backward_prefetch_pixels(g.C, sizeof(x_t));
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H;
@@ -585,6 +597,16 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
             const int64_t blocks = c0 + kBlocks * kLanes <= g.C ? kBlocks : 1;
             const x_t* xi = x_ptr + i;
             const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + c0;
+            if (w + ahead < g.W) {
+              const char* xa = reinterpret_cast<const char*>(xi + ahead * g.C);
+              const char* la = reinterpret_cast<const char*>(li + ahead * ls.pixel);
+              for (int64_t byte = 0; byte < blocks * kLanes * int64_t(sizeof(x_t)); byte += 64) {
+                __builtin_prefetch(xa + byte);
+              }
+              for (int64_t byte = 0; byte < blocks * kLanes * int64_t(sizeof(l_t)); byte += 64) {
+                __builtin_prefetch(la + byte);
+              }
+            }
             const int64_t o = ((n * g.OH + oh0) * g.OW + ow0) * g.C + c0;
             const int64_t o_row = g.OW * g.C;
             const int64_t o_col = g.C;
