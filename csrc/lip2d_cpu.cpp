@@ -997,6 +997,11 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
   const int64_t ring_size = std::min((g.kH + g.sH - 1) / g.sH, g.OH);
   const int64_t strip = std::min(std::max<int64_t>(kTaskElements / g.W, 1), g.H);
   const int64_t strips = (g.H + strip - 1) / strip;
+  // x and the logit are fetched at least 2 rows and 2 KiB ahead (measured,
+  // float32, 2 threads, out of cache: stem backward 1.11-1.39 ms before,
+  // 1.14-1.15 after; the 56-wide layers unchanged within this VM's noise)
+  const int64_t row_bytes = std::max<int64_t>(1, g.W * int64_t(sizeof(x_t)));
+  const int64_t rows_ahead = std::max<int64_t>(2, (2048 + row_bytes - 1) / row_bytes);
   at::parallel_for(0, g.N * g.C * strips, 1, [&](int64_t begin, int64_t end) {
     // ring slots of 4 output rows (grad_out, out, max, 1 / sum), then the
     // input row's x, logit, dx and dlogit phases
@@ -1034,6 +1039,16 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
           }
         }
         const int64_t i_row = plane * g.H * g.W + h * g.W;
+        if (h + rows_ahead < g.H) {
+          const char* xa = reinterpret_cast<const char*>(x_ptr + i_row + rows_ahead * g.W);
+          const char* la = reinterpret_cast<const char*>(l_ptr + n * ls.n + c * ls.c + (h + rows_ahead) * g.W);
+          for (int64_t byte = 0; byte < g.W * int64_t(sizeof(x_t)); byte += 64) {
+            __builtin_prefetch(xa + byte);
+          }
+          for (int64_t byte = 0; byte < g.W * int64_t(sizeof(l_t)); byte += 64) {
+            __builtin_prefetch(la + byte);
+          }
+        }
         split_phases(x_ptr + i_row, g.W, g.sW, 0, length, 0.0f, xph);
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);
         for (int64_t r = 0; r < g.sW && r < g.W; ++r) {
