@@ -220,6 +220,29 @@ def test_rows_large_logits_at_row_edges(offset, seed):
         assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, k, s, p, False), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("width", [21, 37, 38, 53, 70])
+def test_rows_windows_clipped_at_the_row_end_see_no_padding(width, dtype, monkeypatch, seed):
+    """The rows kernels split each row into stride phases padded past its
+    end (x with 0, the logit with -inf), filling whole lane vectors. A
+    window that the row's end clips (ceil_mode) must see none of that
+    padding, also where all its logits are far below 0 (a padded logit
+    of 0 would become its max): windows that do not overlap (no tile form)
+    and windows far below their strip's max (the fallback to their own max)
+    both read the padded phases."""
+    monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "rows")
+    for k, s, p in ((2, 2, 0), (3, 3, 1), (3, 2, 1), (2, 3, 1)):
+        x, logit = random_inputs((2, 3, 9, width), dtype, "contiguous")
+        logit = logit - 50
+        # the right edge far below the rest of its strips: fallback windows
+        logit[..., -4:] -= 200
+        out_shape = torch.nn.functional.avg_pool2d(x.float(), k, s, p, ceil_mode=True).shape
+        grad_out = torch.randn(out_shape).to(dtype)
+        got, kernel = fused_with_grads(x, logit, grad_out, k, s, p, True)
+        assert kernel.endswith("planes_rows")
+        assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, k, s, p, True), dtype)
+
+
 CPU_LAYOUTS = [("contiguous", "rows"), ("contiguous", "blocks"), ("channels_last", None)]
 
 
