@@ -60,7 +60,7 @@ def default_cuda_arch_list() -> None:
 
 def cpu_isa_sources() -> list:
     # The CPU kernels are built for the baseline ISA (lip2d_cpu.cpp) and, on
-    # x86-64 with GCC, again for AVX2 and AVX-512 (the same source, switched
+    # x86-64 with GCC, again for AVX2, AVX-512 and AVX-512 with AVX512-BF16 (the same source, switched
     # by "#pragma GCC target"); the extension picks one at run time. No
     # -march flag, so the build runs on any x86-64 CPU whatever built it.
     if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("LIP_CUDA_CPU_ISAS", "1") == "0":
@@ -72,7 +72,7 @@ def cpu_isa_sources() -> list:
         return []
     if "clang" in version.lower() or "Free Software Foundation" not in version:
         return []
-    return [f"{CSRC}/lip2d_cpu_avx2.cpp", f"{CSRC}/lip2d_cpu_avx512.cpp"]
+    return [f"{CSRC}/lip2d_cpu_avx2.cpp", f"{CSRC}/lip2d_cpu_avx512.cpp", f"{CSRC}/lip2d_cpu_avx512bf16.cpp"]
 
 
 def openmp_flags() -> list:

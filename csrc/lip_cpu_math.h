@@ -20,14 +20,14 @@
 #endif
 
 #if !defined(LIP_CPU_ISA) || !defined(LIP_CPU_NS)
-#error "define LIP_CPU_ISA (0 default, 1 AVX2, 2 AVX-512) and LIP_CPU_NS before including"
+#error "define LIP_CPU_ISA (0 default, 1 AVX2, 2 AVX-512, 3 AVX-512 with BF16) and LIP_CPU_NS before including"
 #endif
 
 namespace lip_cuda {
 namespace LIP_CPU_NS {
 namespace cpu_math {
 
-#if LIP_CPU_ISA == 2
+#if LIP_CPU_ISA >= 2
 constexpr int kLanes = 16;
 #elif LIP_CPU_ISA == 1
 constexpr int kLanes = 8;
@@ -74,7 +74,7 @@ inline LaneInts lanes_between(int32_t lo, int32_t hi) {
 // Whether every lane of a comparison result is set: a mask test, not a
 // memcmp (which GCC leaves as a library call).
 inline bool all_set(LaneInts mask) {
-#if LIP_CPU_ISA == 2
+#if LIP_CPU_ISA >= 2
   return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask)) == 0xFFFF;
 #elif LIP_CPU_ISA == 1
   return _mm256_movemask_ps(reinterpret_cast<__m256>(mask)) == 0xFF;
@@ -90,7 +90,7 @@ inline bool all_set(LaneInts mask) {
 // MAXPS(b, a) is exactly b > a ? b : a (NaN and equal zeros give its second
 // operand): one instruction instead of a compare and a blend.
 inline Lanes max_lanes(Lanes a, Lanes b) {
-#if LIP_CPU_ISA == 2
+#if LIP_CPU_ISA >= 2
   // the zero-masked form: the plain one starts from an "undefined" register
   // that GCC then warns may be used uninitialised
   return reinterpret_cast<Lanes>(

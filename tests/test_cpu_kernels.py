@@ -358,7 +358,16 @@ def runnable_isas():
         isas.append("avx2")
     if capability == "AVX512":
         isas.append("avx512")
+        if cpu_has_avx512_bf16():
+            isas.append("avx512bf16")
     return isas
+
+
+def cpu_has_avx512_bf16():
+    try:
+        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 ISA_CASES = [  # shape, layout, dtype: one per kernel layout and lane conversion
@@ -400,6 +409,42 @@ def test_every_isa_build_matches_oracle(monkeypatch, seed):
             tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
             for u, v in zip(a[3], b[3]):
                 torch.testing.assert_close(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_avx512bf16_build_stores_the_bits_of_the_avx512_build(layout, monkeypatch, seed):
+    """The AVX512-BF16 build rounds float to bfloat16 with VCVTNEPS2BF16,
+    which reads denormals as 0 and keeps NaN payloads where c10 (and the
+    other builds) keep denormals and store one NaN: vectors holding those
+    take the integer rounding. Outputs and both gradients must be bitwise
+    those of the AVX-512 build, for ordinary values, denormal results,
+    NaN, values that round up to inf, and masked (-inf) logits."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    shape = (2, 37, 11, 14)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, :5] *= 1e-39  # outputs and gradients in bfloat16's denormal range
+    x[1, 3, 4, 5] = float("nan")
+    x[1, 7] = 3.3e38 + 1e36 * torch.rand(11, 14)  # near bfloat16's max: some round to inf
+    logit = torch.rand(shape, dtype=torch.float64) * 6
+    logit[0, 9, 2:6, 3:8] = -float("inf")
+    x, logit = x.to(torch.bfloat16), logit.to(torch.bfloat16)
+    grad_out = torch.randn(2, 37, 6, 7).to(torch.bfloat16)
+    grad_out[0, 11] *= 1e-38
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    results = {}
+    for isa in ("avx512", "avx512bf16"):
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        results[isa], kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+        assert kernel.startswith(f"cpu_{isa}_")
+    denormal = 0
+    for a, b in zip(results["avx512"], results["avx512bf16"]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        denormal += int(((a != 0) & (a.float().abs() < torch.finfo(torch.float32).tiny)).sum())
+    assert denormal > 0  # the denormal path ran
+    assert any(torch.isnan(t).any() for t in results["avx512"])
+    assert any(torch.isinf(t).any() for t in results["avx512"])
 
 
 def test_isa_forced_at_process_start(tmp_path, seed):
@@ -460,7 +505,7 @@ def test_only_the_isa_namespaces_use_avx():
 def test_unknown_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LIP_CUDA_CPU_ISA", "avx9000")
     x = torch.randn(1, 2, 8, 8)
-    with pytest.raises(RuntimeError, match=r"LIP_CUDA_CPU_ISA to be 'default', 'avx2' or 'avx512'"):
+    with pytest.raises(RuntimeError, match=r"LIP_CUDA_CPU_ISA to be 'default', 'avx2', 'avx512' or 'avx512bf16'"):
         lip_cuda.lip2d(x, x)
 
 
