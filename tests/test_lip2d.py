@@ -408,6 +408,31 @@ def test_double_backward_raises(seed):
         gx.sum().backward()
 
 
+class _DropGradient(torch.autograd.Function):
+    """y -> 0 whose backward passes no gradient on (None)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_undefined_output_gradient_gives_no_gradient(seed):
+    """The backward gets no zero-filled gradients (materialize_grads off):
+    when nothing flows back into the output, lip2d adds nothing to x's
+    gradient and gives the logit none."""
+    x, logit = make_inputs((1, 2, 6, 6), torch.float32, "cpu")
+    x.requires_grad_()
+    logit.requires_grad_()
+    loss = _DropGradient.apply(lip_cuda.lip2d(x, logit)) + (2 * x).sum()
+    gx, gl = torch.autograd.grad(loss, (x, logit), allow_unused=True)
+    assert gl is None
+    torch.testing.assert_close(gx, torch.full_like(x, 2.0), rtol=0, atol=0)
+
+
 def test_built_with_cuda_matches_torch():
     if torch.cuda.is_available():
         assert lip_cuda.built_with_cuda()
