@@ -8,6 +8,7 @@ LIP_CUDA_FORCE_CPU=1. Install with:  pip install --no-build-isolation -e .
 (add -v to see the compiler lines while it builds).
 """
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -72,7 +73,12 @@ def cpu_isa_sources() -> list:
         return []
     if "clang" in version.lower() or "Free Software Foundation" not in version:
         return []
-    return [f"{CSRC}/lip2d_cpu_avx2.cpp", f"{CSRC}/lip2d_cpu_avx512.cpp", f"{CSRC}/lip2d_cpu_avx512bf16.cpp"]
+    sources = [f"{CSRC}/lip2d_cpu_avx2.cpp", f"{CSRC}/lip2d_cpu_avx512.cpp"]
+    # the AVX512-BF16 build needs GCC 12 (its run-time CPU check names the flag)
+    major = re.search(r"\) (\d+)\.", version)
+    if major is not None and int(major.group(1)) >= 12:
+        sources.append(f"{CSRC}/lip2d_cpu_avx512bf16.cpp")
+    return sources
 
 
 def openmp_flags() -> list:
@@ -89,6 +95,8 @@ def extension():
         "module.cpp", "lip2d.cpp", "lip2d_autograd.cpp", "lip2d_cpu.cpp", "lip2d_emulate.cpp")]
     sources += isa_sources
     macros = [("LIP_CPU_ISA_BUILDS", None)] if isa_sources else []
+    if any(name.endswith("avx512bf16.cpp") for name in isa_sources):
+        macros.append(("LIP_CPU_AVX512BF16_BUILD", None))
     # -Wno-psabi: the CPU kernels pass 64-byte lane vectors between inline functions
     cxx_flags = ["-O3", "-Wno-psabi"] + openmp_flags()
     toolkit = cuda_toolkit()

@@ -1403,6 +1403,8 @@ namespace cpu_avx512 {
 const char* forward(const ForwardTensors& t, const CallGeometry& cg);
 const char* backward(const BackwardTensors& t, const CallGeometry& cg);
 }  // namespace cpu_avx512
+#endif
+#if defined(LIP_CPU_AVX512BF16_BUILD)
 namespace cpu_avx512bf16 {
 const char* forward(const ForwardTensors& t, const CallGeometry& cg);
 const char* backward(const BackwardTensors& t, const CallGeometry& cg);
@@ -1420,7 +1422,10 @@ int cpu_isa_level() {
   static const int level = [] {
     const std::string capability = at::get_cpu_capability();
     if (capability.find("AVX512") != std::string::npos) {
-      return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+#if defined(LIP_CPU_AVX512BF16_BUILD)
+      if (__builtin_cpu_supports("avx512bf16")) return 3;
+#endif
+      return 2;
     }
     if (capability.find("AVX2") != std::string::npos) return 1;
     return 0;
@@ -1462,9 +1467,11 @@ const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
     return lip2d_forward_emulated(t, cg, "generic", false);
   }
   switch (isa_to_run()) {
-#if defined(LIP_CPU_ISA_BUILDS)
+#if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
       return cpu_avx512bf16::forward(t, cg);
+#endif
+#if defined(LIP_CPU_ISA_BUILDS)
     case 2:
       return cpu_avx512::forward(t, cg);
     case 1:
@@ -1480,9 +1487,11 @@ const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg)
     return lip2d_backward_emulated(t, cg, "generic", false);
   }
   switch (isa_to_run()) {
-#if defined(LIP_CPU_ISA_BUILDS)
+#if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
       return cpu_avx512bf16::backward(t, cg);
+#endif
+#if defined(LIP_CPU_ISA_BUILDS)
     case 2:
       return cpu_avx512::backward(t, cg);
     case 1:

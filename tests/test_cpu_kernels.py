@@ -364,10 +364,23 @@ def runnable_isas():
 
 
 def cpu_has_avx512_bf16():
+    """The CPU has AVX512-BF16 and this build has the kernels for it (GCC 12
+    or newer builds them; the probe is a tiny call)."""
     try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        if " avx512_bf16" not in Path("/proc/cpuinfo").read_text():
+            return False
     except OSError:
         return False
+    previous = os.environ.get("LIP_CUDA_CPU_ISA")
+    os.environ["LIP_CUDA_CPU_ISA"] = "avx512bf16"
+    try:
+        lip_cuda.lip2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))
+        return ops._lip2d_last_kernel().startswith("cpu_avx512bf16_")
+    finally:
+        if previous is None:
+            del os.environ["LIP_CUDA_CPU_ISA"]
+        else:
+            os.environ["LIP_CUDA_CPU_ISA"] = previous
 
 
 ISA_CASES = [  # shape, layout, dtype: one per kernel layout and lane conversion
