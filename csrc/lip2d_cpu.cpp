@@ -559,16 +559,22 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
 // Lane blocks per unrolled backward step: 4 independent chains (measured
 // 5-10% faster than 2 on AVX-512 for C >= 64; the rest take one at a time).
 constexpr int kBlocks = 4;
-// How far ahead (in pixels of the same input row) the channels_last
-// backward fetches x and the logit: at least 4 pixels and 2 KiB. The
-// hardware prefetchers alone left it waiting on memory; measured on the
-// AVX-512 VM, float32, 2 threads, inputs out of cache: backward 1.3-1.45x
-// faster (stem 0.72 -> 0.52 ms, s3b 0.45 -> 0.31 ms, s4b 0.20 -> 0.15 ms);
-// 8 pixels was best at 64 channels, 4 at 512 and 1024; fetching the
+// How many units (pixels, rows) of unit_bytes ahead the backward kernels
+// fetch x and the logit: at least `at_least` and 2 KiB. The hardware
+// prefetchers alone left the channels_last backward waiting on memory;
+// measured on the AVX-512 VM, float32, 2 threads, inputs out of cache:
+// 1.3-1.45x faster (stem 0.72 -> 0.52 ms, s3b 0.45 -> 0.31 ms, s4b 0.20 ->
+// 0.15 ms), 8 pixels best at 64 channels, 4 at 512 and 1024; fetching the
 // covering outputs' statistics or the gradients' lines too gained nothing.
-inline int64_t backward_prefetch_pixels(int64_t C, int64_t element_bytes) {
-  const int64_t pixel_bytes = std::max<int64_t>(1, C * element_bytes);
-  return std::max<int64_t>(4, (2048 + pixel_bytes - 1) / pixel_bytes);
+inline int64_t prefetch_distance(int64_t unit_bytes, int64_t at_least) {
+  unit_bytes = std::max<int64_t>(1, unit_bytes);
+  return std::max<int64_t>(at_least, (2048 + unit_bytes - 1) / unit_bytes);
+}
+
+// Fetches the cache lines of [p, p + bytes) into the cache.
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte);
 }
 
 template <typename x_t, typename l_t>
@@ -583,7 +589,7 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
   const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
   x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
   l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
-  const int64_t ahead = backward_prefetch_pixels(g.C, sizeof(x_t));
+  const int64_t ahead = prefetch_distance(g.C * int64_t(sizeof(x_t)), 4);
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H;
@@ -603,14 +609,8 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
             const x_t* xi = x_ptr + i;
             const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + c0;
             if (w + ahead < g.W) {
-              const char* xa = reinterpret_cast<const char*>(xi + ahead * g.C);
-              const char* la = reinterpret_cast<const char*>(li + ahead * ls.pixel);
-              for (int64_t byte = 0; byte < blocks * kLanes * int64_t(sizeof(x_t)); byte += 64) {
-                __builtin_prefetch(xa + byte);
-              }
-              for (int64_t byte = 0; byte < blocks * kLanes * int64_t(sizeof(l_t)); byte += 64) {
-                __builtin_prefetch(la + byte);
-              }
+              prefetch_range(xi + ahead * g.C, blocks * kLanes * int64_t(sizeof(x_t)));
+              prefetch_range(li + ahead * ls.pixel, blocks * kLanes * int64_t(sizeof(l_t)));
             }
             const int64_t o = ((n * g.OH + oh0) * g.OW + ow0) * g.C + c0;
             const int64_t o_row = g.OW * g.C;
@@ -1002,11 +1002,10 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
   const int64_t ring_size = std::min((g.kH + g.sH - 1) / g.sH, g.OH);
   const int64_t strip = std::min(std::max<int64_t>(kTaskElements / g.W, 1), g.H);
   const int64_t strips = (g.H + strip - 1) / strip;
-  // x and the logit are fetched at least 2 rows and 2 KiB ahead (measured,
-  // float32, 2 threads, out of cache: stem backward 1.11-1.39 ms before,
-  // 1.14-1.15 after; the 56-wide layers unchanged within this VM's noise)
-  const int64_t row_bytes = std::max<int64_t>(1, g.W * int64_t(sizeof(x_t)));
-  const int64_t rows_ahead = std::max<int64_t>(2, (2048 + row_bytes - 1) / row_bytes);
+  // x and the logit are fetched at least 2 rows ahead (measured, float32,
+  // 2 threads, out of cache: stem backward 1.11-1.39 ms before, 1.14-1.15
+  // after; the 56-wide layers unchanged within this VM's noise)
+  const int64_t rows_ahead = prefetch_distance(g.W * int64_t(sizeof(x_t)), 2);
   at::parallel_for(0, g.N * g.C * strips, 1, [&](int64_t begin, int64_t end) {
     // ring slots of 4 output rows (grad_out, out, max, 1 / sum), then the
     // input row's x, logit, dx and dlogit phases
@@ -1045,14 +1044,8 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
         }
         const int64_t i_row = plane * g.H * g.W + h * g.W;
         if (h + rows_ahead < g.H) {
-          const char* xa = reinterpret_cast<const char*>(x_ptr + i_row + rows_ahead * g.W);
-          const char* la = reinterpret_cast<const char*>(l_ptr + n * ls.n + c * ls.c + (h + rows_ahead) * g.W);
-          for (int64_t byte = 0; byte < g.W * int64_t(sizeof(x_t)); byte += 64) {
-            __builtin_prefetch(xa + byte);
-          }
-          for (int64_t byte = 0; byte < g.W * int64_t(sizeof(l_t)); byte += 64) {
-            __builtin_prefetch(la + byte);
-          }
+          prefetch_range(x_ptr + i_row + rows_ahead * g.W, g.W * int64_t(sizeof(x_t)));
+          prefetch_range(l_ptr + n * ls.n + c * ls.c + (h + rows_ahead) * g.W, g.W * int64_t(sizeof(l_t)));
         }
         split_phases(x_ptr + i_row, g.W, g.sW, 0, length, 0.0f, xph);
         split_phases(l_ptr + n * ls.n + c * ls.c + h * g.W, g.W, g.sW, 0, length, 0.0f, lph);

