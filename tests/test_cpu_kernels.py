@@ -243,6 +243,60 @@ def test_rows_windows_clipped_at_the_row_end_see_no_padding(width, dtype, monkey
         assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, k, s, p, True), dtype)
 
 
+def covered(size, k, s, p, out):
+    """Which input indices of one dimension some window holds."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    for o in range(out):
+        mask[max(0, o * s - p):max(0, min(size, o * s - p + k))] = True
+    return mask
+
+
+def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
+    """The rows backward lays each stride phase of a plane out flat, lanes
+    running across its rows, with padded outputs around it, and splits tall
+    planes into tasks of a few phase rows. Random geometries (strides 1-4,
+    kernels 1-5, any padding, ceil_mode; planes 1 to 260 tall, 1 to 150
+    wide, so one task or many) against channels_last bitwise, with the
+    inputs that no window covers poisoned (NaN logit, inf x): their
+    gradients must be exactly 0 and the rest unchanged."""
+    rng = np.random.default_rng(seed)
+    cases = 0
+    while cases < 24:
+        kh, kw = (int(v) for v in rng.integers(1, 6, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
+        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+        h, w = int(rng.integers(1, 261)), int(rng.integers(1, 151))
+        ceil = bool(rng.integers(0, 2))
+        try:
+            out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, h, w), (kh, kw), (sh, sw), (ph, pw), ceil).shape
+        except RuntimeError:
+            continue
+        if min(out_shape[2:]) < 1:
+            continue
+        cases += 1
+        geometry = ((kh, kw), (sh, sw), (ph, pw))
+        x, logit = random_inputs((1, 2, h, w), torch.float32, "contiguous")
+        grad_out = torch.randn(1, 2, *out_shape[2:])
+        uncovered = ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
+        x_poisoned = x.masked_fill(uncovered, float("inf"))
+        logit_poisoned = logit.masked_fill(uncovered, float("nan"))
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "rows")
+        got, kernel = fused_with_grads(x_poisoned, logit_poisoned, grad_out, *geometry, ceil)
+        assert kernel.endswith("planes_rows")
+        monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+        cl = torch.channels_last
+        want, kernel = fused_with_grads(
+            x_poisoned.to(memory_format=cl), logit_poisoned.to(memory_format=cl), grad_out, *geometry, ceil)
+        assert kernel.endswith("channels_last")
+        case = f"{geometry} ceil={ceil} plane {h}x{w}"
+        for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
+            assert torch.equal(a, b), f"{name} {case}"
+        assert torch.all(got[1][uncovered.expand_as(x)] == 0) and torch.all(got[2][uncovered.expand_as(x)] == 0), case
+        # the poison changes nothing else (up to the rounding of the strip
+        # maxima, which the uncovered logits took part in before)
+        assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, *geometry, ceil), torch.float32)
+
+
 CPU_LAYOUTS = [("contiguous", "rows"), ("contiguous", "blocks"), ("channels_last", None)]
 
 
