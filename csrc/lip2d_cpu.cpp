@@ -1497,13 +1497,14 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg) {
   l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
   const int64_t in_pixels = g.H * g.W;
   const int64_t out_pixels = g.OH * g.OW;
-  const int64_t scratch = (4 * in_pixels + 4 * out_pixels) * kLanes;
+  // dx and dlogit replace x and the logit in the scratch (each pixel reads
+  // only its own): at 128x56x56 the scratch is then 0.6 MiB, not 1 MiB,
+  // and stays in the L2 cache
+  const int64_t scratch = (2 * in_pixels + 4 * out_pixels) * kLanes;
   for_each_block(g, scratch, [&](const ChannelBlock& b, const ChannelBlock* next_block, float* buffer) {
     float* xb = buffer;
     float* lb = xb + in_pixels * kLanes;
-    float* dxb = lb + in_pixels * kLanes;
-    float* dlb = dxb + in_pixels * kLanes;
-    float* gb = dlb + in_pixels * kLanes;
+    float* gb = lb + in_pixels * kLanes;
     float* yb = gb + out_pixels * kLanes;
     float* maxb = yb + out_pixels * kLanes;
     float* invb = maxb + out_pixels * kLanes;
@@ -1550,12 +1551,12 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg) {
               inv = load(invb + o);
             },
             dx, dl);
-        store(dxb + i, dx);
-        store(dlb + i, dl);
+        store(xb + i, dx);
+        store(lb + i, dl);
       }
     }
-    unpack_planes(dxb, b, g.C, in_pixels, gx_ptr);
-    unpack_planes(dlb, b, g.C, in_pixels, gl_ptr);
+    unpack_planes(xb, b, g.C, in_pixels, gx_ptr);
+    unpack_planes(lb, b, g.C, in_pixels, gl_ptr);
   });
 }
 
