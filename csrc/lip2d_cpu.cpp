@@ -1405,6 +1405,20 @@ void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t p
 // whose 1 MiB per block (with the block's own scratch) outgrows the L2.
 constexpr int64_t kBlockPrefetchBytes = 384 * 1024;
 
+// Queues block b's planes of a dense NCHW tensor (C planes of `pixels`).
+template <typename T>
+void queue_block(PrefetchQueue& q, const T* data, const ChannelBlock& b, int64_t C, int64_t pixels,
+                 bool write = false) {
+  q.add(data + (b.n * C + b.c0) * pixels, b.lanes * pixels * int64_t(sizeof(T)), write);
+}
+
+// Queues block b's logit planes (one, where all channels share it).
+template <typename l_t>
+void queue_block_logit(PrefetchQueue& q, const l_t* logit, const LogitStrides& ls, const ChannelBlock& b,
+                       int64_t pixels) {
+  q.add(logit + b.n * ls.n + b.c0 * ls.c, (ls.c != 0 ? b.lanes : 1) * pixels * int64_t(sizeof(l_t)));
+}
+
 // Runs fn(block, next, scratch) over every (image, channel block) in
 // parallel; next is the block the same task runs next (nullptr if none).
 // Each task allocates its scratch of `scratch_floats` once, uninitialised,
@@ -1451,13 +1465,11 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg) {
     PrefetchQueue next;
     if (next_block != nullptr) {
       const ChannelBlock& nb = *next_block;
-      const int64_t xi = (nb.n * g.C + nb.c0) * in_pixels, oi = (nb.n * g.C + nb.c0) * out_pixels;
-      next.add(x_ptr + xi, nb.lanes * in_pixels * int64_t(sizeof(x_t)));
-      next.add(l_ptr + nb.n * cg.ls.n + nb.c0 * cg.ls.c,
-               (cg.ls.c != 0 ? nb.lanes : 1) * in_pixels * int64_t(sizeof(l_t)));
-      next.add(out_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(x_t)), true);
-      next.add(max_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(float)), true);
-      next.add(inv_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(float)), true);
+      queue_block(next, x_ptr, nb, g.C, in_pixels);
+      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels);
+      queue_block(next, out_ptr, nb, g.C, out_pixels, true);
+      queue_block(next, max_ptr, nb, g.C, out_pixels, true);
+      queue_block(next, inv_ptr, nb, g.C, out_pixels, true);
       if (next.bytes() > kBlockPrefetchBytes) next.clear();
     }
     const int lines_per_strip = static_cast<int>((next.lines_left() + strip_count(g) - 1) / strip_count(g));
@@ -1519,16 +1531,14 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg) {
     PrefetchQueue next;
     if (next_block != nullptr) {
       const ChannelBlock& nb = *next_block;
-      const int64_t xi = (nb.n * g.C + nb.c0) * in_pixels, oi = (nb.n * g.C + nb.c0) * out_pixels;
-      next.add(x_ptr + xi, nb.lanes * in_pixels * int64_t(sizeof(x_t)));
-      next.add(l_ptr + nb.n * cg.ls.n + nb.c0 * cg.ls.c,
-               (cg.ls.c != 0 ? nb.lanes : 1) * in_pixels * int64_t(sizeof(l_t)));
-      next.add(g_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(x_t)));
-      next.add(y_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(x_t)));
-      next.add(max_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(float)));
-      next.add(inv_ptr + oi, nb.lanes * out_pixels * int64_t(sizeof(float)));
-      next.add(gx_ptr + xi, nb.lanes * in_pixels * int64_t(sizeof(x_t)), true);
-      next.add(gl_ptr + xi, nb.lanes * in_pixels * int64_t(sizeof(l_t)), true);
+      queue_block(next, x_ptr, nb, g.C, in_pixels);
+      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels);
+      queue_block(next, g_ptr, nb, g.C, out_pixels);
+      queue_block(next, y_ptr, nb, g.C, out_pixels);
+      queue_block(next, max_ptr, nb, g.C, out_pixels);
+      queue_block(next, inv_ptr, nb, g.C, out_pixels);
+      queue_block(next, gx_ptr, nb, g.C, in_pixels, true);
+      queue_block(next, gl_ptr, nb, g.C, in_pixels, true);
       if (next.bytes() > kBlockPrefetchBytes) next.clear();
     }
     const int lines_per_pixel = static_cast<int>((next.lines_left() + in_pixels - 1) / in_pixels);

@@ -5,6 +5,9 @@
   channels): both against the float64 oracle, in every dtype, including
   tall and wide single-channel planes, masking and poisoned columns that no
   window covers;
+- the rows backward (flat stride-phase planes, tasks of a few phase rows)
+  on random geometries equals channels_last bitwise, with the inputs that no
+  window covers poisoned;
 - the scratch memory of a large single-channel plane stays a few times the
   tensor sizes (measured in a fresh process);
 - every instruction set build this CPU can run (LIP_CUDA_CPU_ISA) gives the
