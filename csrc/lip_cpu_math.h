@@ -112,8 +112,28 @@ inline Lanes max_lanes(Lanes a, Lanes b) {
 inline Lanes exp_lanes(Lanes v) {
   const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
   const LaneInts underflow = v < kLowest;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+#if LIP_CPU_ISA >= 2
+  // AVX-512: VSCALEFPS multiplies by 2^n, exactly as the integer form below
+  // does for every n it keeps (n >= -126), and takes any n, so v needs no
+  // clamping: four instructions fewer, the same bits.
+  {
+    const Lanes n = (v * 1.44269504088896341f + kRound) - kRound;
+    Lanes r = v - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    Lanes p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const Lanes scaled = reinterpret_cast<Lanes>(
+        _mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(n)));
+    return select(underflow, splat(0.0f), scaled);
+  }
+#endif
   v = select(underflow, splat(kLowest), v);  // NaN fails the compare and propagates
-  const float kRound = 12582912.0f;      // 1.5 * 2^23: adding it rounds to an integer
   const Lanes t = v * 1.44269504088896341f + kRound;
   const Lanes n = t - kRound;
   LaneInts n_int;
