@@ -712,11 +712,12 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
 constexpr int64_t kTaskElements = 16384;
 
 
-// The column taps kw that can fall inside the input for some output (any
-// kernel wider than the padded input is clipped to it): [first, last].
-inline void column_taps(const LipGeometry& g, int64_t& first, int64_t& last) {
-  first = std::max<int64_t>(0, g.pW - (g.OW - 1) * g.sW);
-  last = std::min<int64_t>(g.kW - 1, g.W - 1 + g.pW);
+// The taps k of one dimension that fall inside the input for some output
+// (a kernel wider than the padded input is clipped to it): [first, last].
+inline void clipped_taps(int64_t k, int64_t s, int64_t p, int64_t in, int64_t out, int64_t& first,
+                         int64_t& last) {
+  first = std::max<int64_t>(0, p - (out - 1) * s);
+  last = std::min<int64_t>(k - 1, in - 1 + p);
 }
 
 // Lane permutations for stride 2: the even and odd elements of two
@@ -841,7 +842,7 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
   // element ow + q of phase r. Phases start at q_min, so that every tap of
   // every (padded) lane chunk is inside the row buffer.
   int64_t kw_first, kw_last;
-  column_taps(g, kw_first, kw_last);
+  clipped_taps(g.kW, g.sW, g.pW, g.W, g.OW, kw_first, kw_last);
   const int64_t q_min = floor_div(kw_first - g.pW, g.sW);
   const int64_t q_max = floor_div(kw_last - g.pW, g.sW);
   // whole pairs of lane chunks (see chunks below) stay inside the row
@@ -1027,13 +1028,6 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg) {
   });
 }
 
-// The taps k of one dimension that fall inside the input for some output
-// (a kernel wider than the padded input is clipped to it): [first, last].
-inline void clipped_taps(int64_t k, int64_t s, int64_t p, int64_t in, int64_t out, int64_t& first,
-                         int64_t& last) {
-  first = std::max<int64_t>(0, p - (out - 1) * s);
-  last = std::min<int64_t>(k - 1, in - 1 + p);
-}
 
 // Backward's view of one dimension split into stride phases: input
 // i = a * s + r (phase r, element a) is covered by the outputs o = a - q,
@@ -1103,20 +1097,17 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
   const int64_t out_floats = out_rows * pitch + pitch + 3 * kLanes;
   const int64_t phases = g.sH * g.sW;
   // the inputs no window covers: their logit is read as 0 (see above)
-  std::vector<char> row_covered(g.H), col_covered(g.W);
+  std::vector<char> row_covered(g.H);
   for (int64_t h = 0; h < g.H; ++h) {
     int64_t o0, o1;
     covering_outputs<int64_t>(h, g.kH, g.sH, g.pH, g.OH, o0, o1);
     row_covered[h] = o0 <= o1;
   }
+  std::vector<int64_t> uncovered_cols;
   for (int64_t w = 0; w < g.W; ++w) {
     int64_t o0, o1;
     covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, o0, o1);
-    col_covered[w] = o0 <= o1;
-  }
-  std::vector<int64_t> uncovered_cols;
-  for (int64_t w = 0; w < g.W; ++w) {
-    if (!col_covered[w]) uncovered_cols.push_back(w);
+    if (o0 > o1) uncovered_cols.push_back(w);
   }
   // per phase (rh, rw): the offsets from an input's flat position to its
   // covering outputs', oh and then ow ascending

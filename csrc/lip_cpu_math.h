@@ -109,31 +109,35 @@ inline Lanes max_lanes(Lanes a, Lanes b) {
 // still see). Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a
 // degree-6 Taylor polynomial: relative error about 1.2e-7, one float ulp.
 // NaN propagates.
+// e^v = 2^n e^r: r = v - n ln2 (ln2 in a high and a low part, the high one
+// exact in n * hi), |r| <= ln2 / 2, then e^r as a polynomial.
+inline Lanes exp_reduced(Lanes v, Lanes n) {
+  Lanes r = v - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  Lanes p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p;
+}
+
 inline Lanes exp_lanes(Lanes v) {
   const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
-  const LaneInts underflow = v < kLowest;
+  const LaneInts underflow = v < kLowest;  // NaN fails the compare and propagates
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
 #if LIP_CPU_ISA >= 2
   // AVX-512: VSCALEFPS multiplies by 2^n, exactly as the integer form below
   // does for every n it keeps (n >= -126), and takes any n, so v needs no
   // clamping: four instructions fewer, the same bits.
-  {
-    const Lanes n = (v * 1.44269504088896341f + kRound) - kRound;
-    Lanes r = v - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187e-06f;
-    Lanes p = splat(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const Lanes scaled = reinterpret_cast<Lanes>(
-        _mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(n)));
-    return select(underflow, splat(0.0f), scaled);
-  }
-#endif
-  v = select(underflow, splat(kLowest), v);  // NaN fails the compare and propagates
+  const Lanes n = (v * 1.44269504088896341f + kRound) - kRound;
+  const Lanes scaled = reinterpret_cast<Lanes>(_mm512_maskz_scalef_ps(
+      0xFFFF, reinterpret_cast<__m512>(exp_reduced(v, n)), reinterpret_cast<__m512>(n)));
+  return select(underflow, splat(0.0f), scaled);
+#else
+  v = select(underflow, splat(kLowest), v);
   const Lanes t = v * 1.44269504088896341f + kRound;
   const Lanes n = t - kRound;
   LaneInts n_int;
@@ -143,16 +147,8 @@ inline Lanes exp_lanes(Lanes v) {
   n_int = ((n_int - round_bits) + 127) << 23;  // 2^n as float bits
   Lanes scale;
   std::memcpy(&scale, &n_int, sizeof(scale));
-  Lanes r = v - n * 0.693145751953125f;  // ln2 high part, exact in n * hi
-  r = r - n * 1.428606765330187e-06f;    // ln2 low part
-  Lanes p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return select(underflow, splat(0.0f), p * scale);
+  return select(underflow, splat(0.0f), exp_reduced(v, n) * scale);
+#endif
 }
 
 // The value operations of lip_window.h's WindowStep on float lanes (the
