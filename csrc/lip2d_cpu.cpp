@@ -46,7 +46,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <array>
 #include <cctype>
 #include <cstdlib>
 #include <limits>
@@ -561,16 +560,16 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
 // Lane blocks per unrolled backward step: 4 independent chains (measured
 // 5-10% faster than 2 on AVX-512 for C >= 64; the rest take one at a time).
 constexpr int kBlocks = 4;
-// How many units (pixels, rows) of unit_bytes ahead the backward kernels
-// fetch x and the logit: at least `at_least` and 2 KiB. The hardware
-// prefetchers alone left the channels_last backward waiting on memory;
-// measured on the AVX-512 VM, float32, 2 threads, inputs out of cache:
-// 1.3-1.45x faster (stem 0.72 -> 0.52 ms, s3b 0.45 -> 0.31 ms, s4b 0.20 ->
-// 0.15 ms), 8 pixels best at 64 channels, 4 at 512 and 1024; fetching the
-// covering outputs' statistics or the gradients' lines too gained nothing.
-inline int64_t prefetch_distance(int64_t unit_bytes, int64_t at_least) {
-  unit_bytes = std::max<int64_t>(1, unit_bytes);
-  return std::max<int64_t>(at_least, (2048 + unit_bytes - 1) / unit_bytes);
+// How many pixels (of pixel_bytes) ahead the channels_last backward fetches
+// x and the logit: at least 4 and 2 KiB. The hardware prefetchers alone
+// left it waiting on memory; measured on the AVX-512 VM, float32, 2
+// threads, inputs out of cache: 1.3-1.45x faster (stem 0.72 -> 0.52 ms,
+// s3b 0.45 -> 0.31 ms, s4b 0.20 -> 0.15 ms), 8 pixels best at 64 channels,
+// 4 at 512 and 1024; fetching the covering outputs' statistics or the
+// gradients' lines too gained nothing.
+inline int64_t backward_prefetch_pixels(int64_t pixel_bytes) {
+  pixel_bytes = std::max<int64_t>(1, pixel_bytes);
+  return std::max<int64_t>(4, (2048 + pixel_bytes - 1) / pixel_bytes);
 }
 
 // Fetches the cache lines of [p, p + bytes) into the cache.
@@ -638,7 +637,7 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
   const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
   x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
   l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
-  const int64_t ahead = prefetch_distance(g.C * int64_t(sizeof(x_t)), 4);
+  const int64_t ahead = backward_prefetch_pixels(g.C * int64_t(sizeof(x_t)));
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H;
@@ -707,8 +706,8 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg) {
 
 // ---- contiguous NCHW, rows: lanes along W ----------------------------------
 
-// Outputs (forward) or inputs (backward) per task: enough work to amortise
-// a task, small enough that a big plane still splits across threads.
+// Outputs per forward task: enough work to amortise a task, small enough
+// that a big plane still splits across threads.
 constexpr int64_t kTaskElements = 16384;
 
 
@@ -799,12 +798,11 @@ void split_phases(const T* row, int64_t W, int64_t s, int64_t first, int64_t len
 }
 
 // Inverse of split_phases (first = 0) for the columns in [0, W), phase r
-// read at src + r * stride (stride = length by default). For s <= 2 every
-// phase is read in whole vectors, the last one possibly past the row's
-// phases' ends (the caller's buffer holds them).
+// read at src + r * stride. For s <= 2 every phase is read in whole
+// vectors, the last one possibly past the row's end (the caller's buffer
+// holds it).
 template <typename T>
-void merge_phases(const float* src, int64_t W, int64_t s, int64_t length, T* row, int64_t stride = -1) {
-  if (stride < 0) stride = length;
+void merge_phases(const float* src, int64_t W, int64_t s, int64_t stride, T* row) {
   int64_t done = 0;  // columns written
   if (s == 1) {
     for (; done < W; done += kLanes) store_lanes(row + done, load(src + done), std::min<int64_t>(kLanes, W - done));
@@ -1157,24 +1155,23 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
       // output rows oh0 + i, i < out_rows, padding where oh is outside [0, OH)
       const int64_t oh0 = a0 - rows.q_hi_all;
       const int64_t o_plane = plane * g.OH * g.OW;
-      const std::array<float, 4> pads = {0.0f, 0.0f, inf, 0.0f};
-      for (int64_t array = 0; array < 4; ++array) {
-        float* dst = ob + array * out_floats;
+      // one output array's rows into the flat layout, `pad` around them
+      const auto lay_out = [&](const auto* src, float pad, float* dst) {
         for (int64_t i = 0; i < out_rows; ++i) {
           const int64_t oh = oh0 + i;
           float* d = dst + i * pitch;
           if (oh < 0 || oh >= g.OH) {
-            std::fill(d, d + pitch, pads[array]);
-            continue;
+            std::fill(d, d + pitch, pad);
+          } else {
+            split_phases(src + o_plane + oh * g.OW, g.OW, 1, -left, pitch, pad, d, pitch, true);
           }
-          const int64_t o = o_plane + oh * g.OW;
-          if (array == 0) split_phases(g_ptr + o, g.OW, 1, -left, pitch, pads[array], d, pitch, true);
-          if (array == 1) split_phases(y_ptr + o, g.OW, 1, -left, pitch, pads[array], d, pitch, true);
-          if (array == 2) split_phases(max_ptr + o, g.OW, 1, -left, pitch, pads[array], d, pitch, true);
-          if (array == 3) split_phases(inv_ptr + o, g.OW, 1, -left, pitch, pads[array], d, pitch, true);
         }
-        std::fill(dst + out_rows * pitch, dst + out_floats, pads[array]);
-      }
+        std::fill(dst + out_rows * pitch, dst + out_floats, pad);
+      };
+      lay_out(g_ptr, 0.0f, ob);
+      lay_out(y_ptr, 0.0f, ob + out_floats);
+      lay_out(max_ptr, inf, ob + 2 * out_floats);
+      lay_out(inv_ptr, 0.0f, ob + 3 * out_floats);
       // the task's input rows in memory order, each into its row phase
       const int64_t h_begin = a0 * g.sH, h_end = std::min(g.H, a1 * g.sH);
       for (int64_t h = h_begin; h < a1 * g.sH; ++h) {
@@ -1239,8 +1236,8 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg) {
       for (int64_t h = h_begin; h < h_end; ++h) {
         const int64_t i_row = plane * g.H * g.W + h * g.W;
         const int64_t at = (h % g.sH) * g.sW * in_floats + (h / g.sH - a0) * pitch;
-        merge_phases(xb + at, g.W, g.sW, pitch, gx_ptr + i_row, in_floats);
-        merge_phases(lb + at, g.W, g.sW, pitch, gl_ptr + i_row, in_floats);
+        merge_phases(xb + at, g.W, g.sW, in_floats, gx_ptr + i_row);
+        merge_phases(lb + at, g.W, g.sW, in_floats, gl_ptr + i_row);
       }
     }
   });

@@ -103,12 +103,6 @@ inline Lanes max_lanes(Lanes a, Lanes b) {
 #endif
 }
 
-// exp(v) for v <= 0 (a logit minus its window max), as the window step
-// needs it: exactly 0 below the normal float range and at -inf, so a masked
-// or negligible tap has no weight at all (not ~1e-38, which a huge x would
-// still see). Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a
-// degree-6 Taylor polynomial: relative error about 1.2e-7, one float ulp.
-// NaN propagates.
 // e^v = 2^n e^r: r = v - n ln2 (ln2 in a high and a low part, the high one
 // exact in n * hi), |r| <= ln2 / 2, then e^r as a polynomial.
 inline Lanes exp_reduced(Lanes v, Lanes n) {
@@ -124,6 +118,12 @@ inline Lanes exp_reduced(Lanes v, Lanes n) {
   return p;
 }
 
+// exp(v) for v <= 0 (a logit minus its window max), as the window step
+// needs it: exactly 0 below the normal float range and at -inf, so a masked
+// or negligible tap has no weight at all (not ~1e-38, which a huge x would
+// still see). Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a
+// degree-6 Taylor polynomial: relative error about 1.2e-7, one float ulp.
+// NaN propagates.
 inline Lanes exp_lanes(Lanes v) {
   const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
   const LaneInts underflow = v < kLowest;  // NaN fails the compare and propagates
