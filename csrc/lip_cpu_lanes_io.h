@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -26,8 +27,55 @@ namespace cpu_math {
 typedef uint16_t LaneHalves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t LaneWords __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
+// Streaming (non-temporal) stores, for the kernels' outputs where a call
+// moves more bytes than the last-level cache holds (see
+// cpu_stream_stores): the lines go to memory without first being read for
+// ownership, which is a third of the memory traffic of a write-heavy
+// kernel, and without evicting what the cache holds. Only aligned whole
+// vectors stream; the rest are plain stores. A task that streamed calls
+// stream_fence before it ends, so that the stores are visible to the
+// thread that joins it.
+template <typename Bits>
+inline bool stream_bits(void* p, const Bits& bits) {
+#if LIP_CPU_ISA >= 1
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(Bits) == 0) {
+#if LIP_CPU_ISA >= 2
+    if constexpr (sizeof(Bits) == 64) {
+      __m512i v;
+      std::memcpy(&v, &bits, sizeof(v));
+      _mm512_stream_si512(static_cast<__m512i*>(p), v);
+      return true;
+    }
+#endif
+    if constexpr (sizeof(Bits) == 32) {
+      __m256i v;
+      std::memcpy(&v, &bits, sizeof(v));
+      _mm256_stream_si256(static_cast<__m256i*>(p), v);
+      return true;
+    } else if constexpr (sizeof(Bits) == 16) {
+      __m128i v;
+      std::memcpy(&v, &bits, sizeof(v));
+      _mm_stream_si128(static_cast<__m128i*>(p), v);
+      return true;
+    }
+  }
+#else
+  (void)p;
+  (void)bits;
+#endif
+  return false;
+}
+
+inline void stream_fence() {
+#if LIP_CPU_ISA >= 1
+  _mm_sfence();
+#endif
+}
+
 inline Lanes load_full(const float* p) { return load(p); }
-inline void store_full(float* p, Lanes v) { store(p, v); }
+inline void store_full(float* p, Lanes v, bool stream = false) {
+  if (!(stream && stream_bits(p, v))) store(p, v);
+}
 
 inline Lanes load_full(const c10::BFloat16* p) {
   LaneHalves h;
@@ -38,7 +86,8 @@ inline Lanes load_full(const c10::BFloat16* p) {
   return v;
 }
 
-inline void store_full(c10::BFloat16* p, Lanes v) {
+// The bfloat16 bits of v, rounded to nearest even as c10 rounds.
+inline LaneHalves bfloat16_bits(Lanes v) {
 #if LIP_CPU_ISA == 3
   // VCVTNEPS2BF16 rounds to nearest even with c10's integer arithmetic,
   // but reads denormal inputs as 0 and keeps NaN payloads: vectors holding
@@ -49,8 +98,9 @@ inline void store_full(c10::BFloat16* p, Lanes v) {
   constexpr int kQuietNan = 0x01, kDenormal = 0x20, kSignalingNan = 0x80;
   if (_mm512_fpclass_ps_mask(f, kQuietNan | kDenormal | kSignalingNan) == 0) {
     const __m256bh h = _mm512_cvtneps_pbh(f);
-    std::memcpy(p, &h, sizeof(h));
-    return;
+    LaneHalves out;
+    std::memcpy(&out, &h, sizeof(out));
+    return out;
   }
 #endif
   LaneWords bits;
@@ -60,8 +110,12 @@ inline void store_full(c10::BFloat16* p, Lanes v) {
   LaneWords nan_bits;
   std::memcpy(&nan_bits, &nan_mask, sizeof(nan_bits));
   rounded = (nan_bits & 0x7fc0u) | (~nan_bits & rounded);
-  const LaneHalves h = __builtin_convertvector(rounded, LaneHalves);
-  std::memcpy(p, &h, sizeof(h));
+  return __builtin_convertvector(rounded, LaneHalves);
+}
+
+inline void store_full(c10::BFloat16* p, Lanes v, bool stream = false) {
+  const LaneHalves h = bfloat16_bits(v);
+  if (!(stream && stream_bits(p, h))) std::memcpy(p, &h, sizeof(h));
 }
 
 #if LIP_CPU_ISA >= 1  // F16C: every AVX2 and AVX-512 CPU has it
@@ -76,14 +130,14 @@ inline Lanes load_full(const c10::Half* p) {
 #endif
 }
 
-inline void store_full(c10::Half* p, Lanes v) {
+inline void store_full(c10::Half* p, Lanes v, bool stream = false) {
 #if LIP_CPU_ISA >= 2
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF,
-                                           reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+  const __m256i h = _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF, reinterpret_cast<__m512>(v),
+                                         _MM_FROUND_TO_NEAREST_INT);
+  if (!(stream && stream_bits(p, h))) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
 #else
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+  const __m128i h = _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT);
+  if (!(stream && stream_bits(p, h))) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
 #endif
 }
 #else
@@ -93,7 +147,7 @@ inline Lanes load_full(const c10::Half* p) {
   return load(f);
 }
 
-inline void store_full(c10::Half* p, Lanes v) {
+inline void store_full(c10::Half* p, Lanes v, bool = false) {
   float f[kLanes];
   store(f, v);
   for (int c = 0; c < kLanes; ++c) p[c] = static_cast<c10::Half>(f[c]);
@@ -134,10 +188,11 @@ inline Lanes load_lanes(const T* p, int64_t count) {
 #endif
 }
 
+// stream: whole vectors may stream (see stream_bits); partial ones never do.
 template <typename T>
-inline void store_lanes(T* p, Lanes v, int64_t count) {
+inline void store_lanes(T* p, Lanes v, int64_t count, bool stream = false) {
   if (count == kLanes) {
-    store_full(p, v);
+    store_full(p, v, stream);
     return;
   }
 #if LIP_CPU_ISA >= 2
