@@ -12,6 +12,8 @@
   tensor sizes (measured in a fresh process);
 - every instruction set build this CPU can run (LIP_CUDA_CPU_ISA) gives the
   oracle's results;
+- streaming (non-temporal) stores of the outputs write the bits of plain
+  stores, in every kernel and ISA build;
 - pooling arguments that are not ints say what was expected.
 """
 import json
@@ -576,6 +578,68 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LIP_CUDA_CPU_ISA", "avx9000")
     x = torch.randn(1, 2, 8, 8)
     with pytest.raises(RuntimeError, match=r"LIP_CUDA_CPU_ISA to be 'default', 'avx2', 'avx512' or 'avx512bf16'"):
+        lip_cuda.lip2d(x, x)
+
+
+# ---- streaming stores -----------------------------------------------------------
+
+# (kernel, shape, kernel_size, stride, padding, ceil_mode): each kernel where
+# every whole output vector covers whole cache lines in float32 and the
+# 16-bit dtypes (so that its outputs stream when asked), with partial lane
+# blocks and partial row vectors beside them; and one where nothing is
+# line-aligned (the flag must change nothing there either)
+STREAM_CASES = [
+    ("channels_last", (2, 32, 15, 17), 3, 2, 1, False),
+    ("channels_last", (1, 64, 9, 8), (2, 3), (2, 1), (1, 1), True),
+    ("blocks", (2, 40, 16, 16), 3, 2, 1, False),
+    ("rows", (1, 3, 37, 64), 3, 2, 1, False),
+    ("rows", (2, 2, 20, 128), (3, 5), (1, 2), (1, 2), True),
+    ("blocks", (1, 19, 13, 11), 3, 2, 1, True),
+]
+
+
+def free_nan_memory(nbytes):
+    """Frees NaN-filled memory of about the outputs' size, so that the next
+    allocations likely reuse it: an element a kernel fails to write then
+    reads NaN instead of a previous call's value."""
+    poison = torch.full((max(1, nbytes // 4),), float("nan"))
+    del poison
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: c[0] + "-" + "x".join(map(str, c[1])))
+def test_streaming_stores_write_the_bits_of_plain_stores(case, dtype, monkeypatch, seed):
+    """LIP_CUDA_CPU_STREAM_STORES=1 makes every kernel store its outputs
+    with non-temporal stores where whole vectors cover whole cache lines
+    (calls bigger than the last-level cache do so by default): the outputs
+    and gradients must be bitwise those of plain stores, in every ISA build
+    this CPU runs, and match the oracle. The streaming call runs first, on
+    memory that held NaN, so that an element it did not write shows."""
+    kernel_name, shape, k, s, p, ceil = case
+    x, logit = random_inputs(shape, dtype, "channels_last" if kernel_name == "channels_last" else "contiguous")
+    if kernel_name != "channels_last":
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", kernel_name)
+    out_shape = torch.nn.functional.avg_pool2d(torch.empty(shape), k, s, p, ceil).shape
+    grad_out = torch.randn(out_shape).to(dtype)
+    want = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
+    for isa in runnable_isas():
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        results = {}
+        for stream in ("1", "0"):
+            monkeypatch.setenv("LIP_CUDA_CPU_STREAM_STORES", stream)
+            free_nan_memory(8 * x.numel() * x.element_size())
+            results[stream], kernel = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
+            assert kernel == f"cpu_{isa}_" + ("channels_last" if kernel_name == "channels_last"
+                                               else f"planes_{kernel_name}")
+        for a, b in zip(results["1"], results["0"]):
+            assert torch.equal(a, b), isa
+        assert_matches_oracle(results["1"], want, dtype)
+
+
+def test_bad_stream_stores_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LIP_CUDA_CPU_STREAM_STORES", "yes")
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match=r"LIP_CUDA_CPU_STREAM_STORES to be '0', '1' or unset"):
         lip_cuda.lip2d(x, x)
 
 
