@@ -1771,8 +1771,8 @@ int64_t last_level_cache_bytes() {
 // (cpu_math::stream_bits). Where the tensors a call reads and writes
 // outgrow the last-level cache, its outputs would be evicted before the
 // next layer reads them, and streaming saves their read for ownership: at
-// batch 8-16, float32 channels_last, forward 10-25% and backward 10-20%
-// faster at most layers (docs/kernels.md). Not where an output is 32 MiB or
+// batch 8-16, float32 channels_last, forward 3-26% and backward 5-21%
+// faster by layer (docs/kernels.md). Not where an output is 32 MiB or
 // more: glibc's malloc maps such blocks afresh at every allocation, the
 // kernel's page faults leave the zeroed lines in the cache, and streaming
 // over cached lines measured slower (the 8 x 64 x 112 x 112 stem: forward
