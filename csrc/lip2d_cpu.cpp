@@ -1428,11 +1428,7 @@ void unpack_tiles(const float* src, const ChannelBlock& b, int64_t C, int64_t pi
 template <typename dst_t>
 void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst,
                    bool stream) {
-  // Only where one vector is a whole line: the tile's kLanes stores go to
-  // kLanes planes, so half lines would wait in kLanes write-combining
-  // buffers for their other halves (bfloat16 blocks forward at batch 16
-  // measured slower streamed: 1.84 -> 2.01 ms at 512x28x28).
-  if (stream && kLanes * sizeof(dst_t) == 64) {
+  if (stream) {
     unpack_tiles<true>(src, b, C, pixels, dst);
   } else {
     unpack_tiles<false>(src, b, C, pixels, dst);
@@ -1466,6 +1462,17 @@ void queue_block_logit(PrefetchQueue& q, const l_t* logit, const LogitStrides& l
 // and reuses it for all its blocks: a fresh zero-filled buffer per block
 // cost more in page faults than the arithmetic. stream: fn streams its
 // outputs (each task then ends with stream_fence).
+//
+// The blocks kernels stream only where every output vector is a whole line
+// (float32 outputs, 16 lanes): a tile's kLanes stores go to kLanes planes,
+// so half lines would wait in kLanes write-combining buffers for their
+// other halves (the bfloat16 512x28x28 forward at batch 16 measured 1.84 ->
+// 2.01 ms streamed).
+template <typename... T>
+constexpr bool whole_line_vectors() {
+  return ((kLanes * sizeof(T) == 64) && ...);
+}
+
 template <typename Fn>
 void for_each_block(const LipGeometry& g, int64_t scratch_floats, bool stream, Fn&& fn) {
   const int64_t blocks_per_image = (g.C + kLanes - 1) / kLanes;
@@ -1486,7 +1493,8 @@ void for_each_block(const LipGeometry& g, int64_t scratch_floats, bool stream, F
 template <typename x_t, typename l_t>
 void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  stream = stream && whole_lines({&t.out, &t.window_max, &t.inv_weight_sum}, g.OH * g.OW);
+  stream = stream && whole_line_vectors<x_t>() &&
+           whole_lines({&t.out, &t.window_max, &t.inv_weight_sum}, g.OH * g.OW);
   const x_t* x_ptr = t.x.const_data_ptr<x_t>();
   const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
   x_t* out_ptr = t.out.mutable_data_ptr<x_t>();
@@ -1545,7 +1553,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
 template <typename x_t, typename l_t>
 void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  stream = stream && whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
+  stream = stream && whole_line_vectors<x_t, l_t>() && whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
   const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
   const x_t* x_ptr = t.x.const_data_ptr<x_t>();
   const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
