@@ -1811,8 +1811,10 @@ const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
   if (t.x.scalar_type() == at::kDouble) {
     return lip2d_forward_emulated(t, cg, "generic", false);
   }
-  const bool stream = stream_outputs({&t.x, &t.logit}, {&t.out, &t.window_max, &t.inv_weight_sum});
-  switch (isa_to_run()) {
+  const int isa = isa_to_run();
+  // the baseline build has no streaming stores (see stream_bits)
+  const bool stream = isa > 0 && stream_outputs({&t.x, &t.logit}, {&t.out, &t.window_max, &t.inv_weight_sum});
+  switch (isa) {
 #if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
       return cpu_avx512bf16::forward(t, cg, stream);
@@ -1832,9 +1834,11 @@ const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg)
   if (t.x.scalar_type() == at::kDouble) {
     return lip2d_backward_emulated(t, cg, "generic", false);
   }
-  const bool stream = stream_outputs({&t.grad_out, &t.x, &t.logit, &t.out, &t.window_max, &t.inv_weight_sum},
-                                     {&t.grad_x, &t.grad_logit});
-  switch (isa_to_run()) {
+  const int isa = isa_to_run();
+  const bool stream = isa > 0 && stream_outputs({&t.grad_out, &t.x, &t.logit, &t.out, &t.window_max,
+                                                 &t.inv_weight_sum},
+                                                {&t.grad_x, &t.grad_logit});
+  switch (isa) {
 #if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
       return cpu_avx512bf16::backward(t, cg, stream);
