@@ -584,10 +584,10 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
 # ---- streaming stores -----------------------------------------------------------
 
 # (kernel, shape, kernel_size, stride, padding, ceil_mode): each kernel where
-# every whole output vector covers whole cache lines in float32 and the
-# 16-bit dtypes (so that its outputs stream when asked), with partial lane
-# blocks and partial row vectors beside them; and one where nothing is
-# line-aligned (the flag must change nothing there either)
+# every whole output vector covers whole cache lines (so that its outputs
+# stream when asked: all dtypes in channels_last and rows, float32 in
+# blocks), with partial lane blocks and partial row vectors beside them; and
+# one where nothing is line-aligned (the flag must change nothing there)
 STREAM_CASES = [
     ("channels_last", (2, 32, 15, 17), 3, 2, 1, False),
     ("channels_last", (1, 64, 9, 8), (2, 3), (2, 1), (1, 1), True),
