@@ -44,6 +44,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cctype>
@@ -373,8 +374,11 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
   const int64_t ring = ring_rows(g);
   float* const e_ring = scratch;
   float* const ex_ring = scratch + ring * row;
-  std::vector<int64_t> ring_row(ring, -1);  // the input row each slot holds
-  std::vector<const float*> e_rows(ring), ex_rows(ring);  // the current window's rows
+  // on the stack for windows up to 8 rows: the blocks kernels call this
+  // once per strip of 16 channels, and three heap allocations a call cost
+  // their forward 5-7% (one thread, in cache, 256x28x28 and 512x14x14)
+  c10::SmallVector<int64_t, 8> ring_row(ring, -1);  // the input row each slot holds
+  c10::SmallVector<const float*, 8> e_rows(ring), ex_rows(ring);  // the current window's rows
   // outputs [ow_lo, ow_hi) have unclipped windows along W
   const int64_t ow_lo = std::min(g.OW, (g.pW + g.sW - 1) / g.sW);
   const int64_t ow_hi = std::max(ow_lo, std::min(g.OW, floor_div(g.W + g.pW - g.kW, g.sW) + 1));
@@ -684,7 +688,11 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
             const int64_t blocks = c0 + kBlocks * kLanes <= g.C ? kBlocks : 1;
             const x_t* xi = x_ptr + i;
             const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + c0;
-            if (w + ahead < g.W) {
+            // by pixel index, so that the next row's first pixels are fetched
+            // while this row ends: stopping at the row's end left 4 of every
+            // 14 pixels unfetched (float32, 2 threads, out of cache: 14x14
+            // layers 5-10% faster; in cache 3% slower)
+            if ((h * g.W + w) + ahead < g.H * g.W) {
               prefetch_range(xi + ahead * g.C, blocks * kLanes * int64_t(sizeof(x_t)));
               prefetch_range(li + ahead * ls.pixel, blocks * kLanes * int64_t(sizeof(l_t)));
             }
