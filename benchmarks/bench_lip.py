@@ -34,7 +34,9 @@ Method (in full, with the byte model behind GB/s: docs/benchmarking.md):
 fresh random input sets larger than the cache, rotated; CUDA events (GPU) or
 perf_counter (CPU) per call; medians after warm-up; backward timed alone on
 retained graphs; rows that look unreliable (large spread, or fwd+bwd far from
-fwd + bwd) are measured again, up to ``--retries`` times.
+fwd + bwd) are measured again, up to ``--retries`` times; on the CPU the
+implementations take turns for ``--rounds`` rounds (default 3), and each row
+is the round with the median fwd+bwd.
 
 Examples::
 
@@ -113,6 +115,11 @@ BWD_BYTES_PER_ELEM = 4.75
 DEFAULT_BATCH = {"cuda": 64, "cpu": 2}
 MAX_INPUT_SETS = 32
 DEFAULT_RETRIES = 2
+#: Rounds per case: the implementations are timed in turn, round after round,
+#: so that a slow spell of a shared machine (on the project's CPU VM, 10-25%
+#: for seconds at a time) lands on one round of every implementation instead
+#: of on all of one implementation's timings. The GPU's timings are steady.
+DEFAULT_ROUNDS = {"cuda": 1, "cpu": 3}
 
 LipFn = Callable[..., torch.Tensor]
 
@@ -160,6 +167,8 @@ class Record:
     nonfinite_output_fraction: Optional[float] = None
     input_sets: int = 0
     attempts: int = 1
+    # fwd+bwd of each round (the row is the round with the median fwd+bwd)
+    round_fwd_bwd_ms: list[float] = field(default_factory=list)
     unreliable: list[str] = field(default_factory=list)
     reps: dict[str, int] = field(default_factory=dict)
     p20_p80_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -193,6 +202,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "  calls rotate over fresh random input sets larger than the cache;\n"
         "  backward = autograd.grad(retain_graph=True) on graphs built before timing;\n"
         "  rows with a large spread or fwd+bwd far from fwd + bwd are re-measured (--retries);\n"
+        "  the implementations take turns, --rounds times, and each row is its median round;\n"
         "  GB/s = (2.5 + 4.75) * numel * elem_size / fwd+bwd time, for every impl (GPU only);\n"
         "  details: docs/benchmarking.md",
     )
@@ -225,6 +235,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                    help=f"re-measure a row up to this many times while its timings look unreliable "
                         f"(default {DEFAULT_RETRIES})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="time the implementations in turn this many times; each row is the round "
+                        "with the median fwd+bwd (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH",
                    help="write a PNG of fused speedups (needs matplotlib: pip install -e .[plot])")
@@ -472,14 +485,28 @@ def badness(passes: dict[str, Measurement]) -> float:
     return (report.spread(row) or 0.0) + abs(math.log(report.consistency(row) or 1.0))
 
 
+def median_round(rounds: list[Record]) -> Record:
+    """The round whose fwd+bwd is the median (the lower one of an even count), with every
+    round's fwd+bwd listed; the first error, if any round failed."""
+    failed = [r for r in rounds if r.error]
+    chosen = failed[0] if failed else sorted(rounds, key=lambda r: r.fwd_bwd_ms)[(len(rounds) - 1) // 2]
+    chosen.round_fwd_bwd_ms = [r.fwd_bwd_ms for r in rounds if not r.error]
+    return chosen
+
+
 def run_case(case: Case, impls: list[str], lip_cuda: Any, device: torch.device, cfg: TimingConfig,
-             rotate_bytes: int, copy_gbps: Optional[float], seed: int, retries: int = 0) -> list[Record]:
-    """All implementations on one case, on the same input sets."""
+             rotate_bytes: int, copy_gbps: Optional[float], seed: int, retries: int = 0,
+             rounds: int = 1) -> list[Record]:
+    """All implementations on one case, on the same input sets, in turn for ``rounds`` rounds."""
     torch.manual_seed(seed)
     sets = [make_input_set(case, device) for _ in range(count_input_sets(case, rotate_bytes))]
-    records = [measure_impl(case, name, make_impl(name, lip_cuda), sets, device, cfg, copy_gbps, retries)
-               for name in impls]
-    del sets
+    fns = {name: make_impl(name, lip_cuda) for name in impls}
+    timed: dict[str, list[Record]] = {name: [] for name in impls}
+    for _ in range(max(1, rounds)):
+        for name in impls:
+            timed[name].append(measure_impl(case, name, fns[name], sets, device, cfg, copy_gbps, retries))
+    records = [median_round(timed[name]) for name in impls]
+    del sets, fns
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return records
@@ -501,7 +528,7 @@ def progress_line(i: int, total: int, case: Case, records: list[Record], seconds
 
 
 def metadata(device: torch.device, copy_gbps: Optional[float], cfg: TimingConfig, batch: int,
-             rotate_bytes: int) -> dict[str, Any]:
+             rotate_bytes: int, rounds: int = 1) -> dict[str, Any]:
     clock = "CUDA events per call" if device.type == "cuda" else "time.perf_counter wall-clock per call"
     return {
         "device": device_name(device),
@@ -521,7 +548,9 @@ def metadata(device: torch.device, copy_gbps: Optional[float], cfg: TimingConfig
         "timing": (f"{clock}, median of {cfg.min_reps}-{cfg.max_reps} reps filling {cfg.budget_ms:g} ms "
                    f"after {cfg.warmup} warm-up; inputs rotate over >= {rotate_bytes / 2**20:.0f} MiB of sets; "
                    "backward = autograd.grad with retain_graph=True on graphs built once; "
-                   "unreliable rows re-measured"),
+                   "unreliable rows re-measured"
+                   + (f"; {rounds} rounds of the implementations in turn, each row its median round"
+                      if rounds > 1 else "")),
     }
 
 
@@ -558,10 +587,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batch = args.batch or DEFAULT_BATCH[device.type]
     cfg = timing_config(args, device)
     rotate_bytes = int(args.rotate_mib * 2**20) if args.rotate_mib else cache_bytes(device)
+    rounds = args.rounds or DEFAULT_ROUNDS[device.type]
     lip_cuda = import_lip_cuda()
 
     copy_gbps = copy_bandwidth_gbps(device)
-    meta = metadata(device, copy_gbps, cfg, batch, rotate_bytes)
+    meta = metadata(device, copy_gbps, cfg, batch, rotate_bytes, rounds)
     cases = build_cases(shapes, batch, dtypes, layouts)
     print(f"{len(cases)} cases x {impls} on {meta['device']} ({device.type}, "
           f"{meta['num_threads']} threads)", file=sys.stderr, flush=True)
@@ -570,7 +600,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records: list[Record] = []
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        recs = run_case(case, impls, lip_cuda, device, cfg, rotate_bytes, copy_gbps, args.seed + i, args.retries)
+        recs = run_case(case, impls, lip_cuda, device, cfg, rotate_bytes, copy_gbps, args.seed + i, args.retries,
+                        rounds)
         records += recs
         print(progress_line(i, len(cases), case, recs, time.perf_counter() - t0), file=sys.stderr, flush=True)
 

@@ -129,6 +129,10 @@ def test_cpu_table_and_json(tmp_path: Path) -> None:
         assert row[10:13] == ["n/a", "n/a", "n/a"], row
     assert "n/a on CPU" in proc.stdout
     assert "threads 1" in proc.stdout and "kernels variant-x" in proc.stdout
+    # three rounds by default on the CPU; each row is the median one
+    assert "3 rounds of the implementations in turn" in proc.stdout
+    for r in doc["results"]:
+        assert len(r["round_fwd_bwd_ms"]) == 3 and r["fwd_bwd_ms"] == sorted(r["round_fwd_bwd_ms"])[1], r
 
     # report.py prints the same table from the JSON alone.
     path = tmp_path / "bench.json"
@@ -264,6 +268,31 @@ def test_unreliable_rows_are_measured_again(monkeypatch: pytest.MonkeyPatch) -> 
                                  TimingConfig(1, 1, 1, 1.0), None, retries=2)
     # Never consistent: the least bad attempt is kept, and marked.
     assert rec.attempts == 3 and rec.unreliable == ["f+b!=f,b"] and rec.fwd_bwd_ms == 12
+
+
+def test_implementations_take_turns_and_rows_are_median_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    times = iter([5.0, 1.0, 4.0, 3.0, 9.0, 2.0, 6.0, 7.0])  # fused, reference, fused, ...
+
+    def fake_measure(case: Any, impl: str, *args: Any) -> Any:
+        calls.append(impl)
+        ms = next(times)
+        rec = bench_lip.Record(case.layer, list(case.shape), case.dtype, case.layout, impl,
+                               forward_ms=ms / 3, backward_ms=ms / 2, fwd_bwd_ms=ms)
+        if impl == "reference" and len(calls) == 6:
+            rec.error = "RuntimeError: round 3 failed"
+        return rec
+
+    monkeypatch.setattr(bench_lip, "measure_impl", fake_measure)
+    case = bench_lip.Case("tiny", (1, 2, 5, 5), "float32", "contiguous")
+    fused, ref = bench_lip.run_case(case, ["fused", "reference"], bench_lip.import_lip_cuda(), torch.device("cpu"),
+                                    TimingConfig(1, 1, 1, 1.0), 1, None, seed=0, rounds=4)
+    assert calls == ["fused", "reference"] * 4
+    # fused rounds 5, 4, 9, 6: the lower median of an even count, with its own fwd and bwd
+    assert fused.fwd_bwd_ms == 5.0 and fused.forward_ms == 5.0 / 3 and fused.round_fwd_bwd_ms == [5.0, 4.0, 9.0, 6.0]
+    assert fused.error is None
+    # a failed round makes the row an error: a crash must not hide behind the other rounds
+    assert ref.error == "RuntimeError: round 3 failed" and ref.round_fwd_bwd_ms == [1.0, 3.0, 7.0]
 
 
 def test_plot_from_json(tmp_path: Path) -> None:
