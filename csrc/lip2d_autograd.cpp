@@ -110,6 +110,12 @@ std::tuple<Tensor, Tensor, Tensor> lip2d_forward_autograd(const Tensor& x, const
                                                           IntArrayRef kernel_size,
                                                           IntArrayRef stride, IntArrayRef padding,
                                                           bool ceil_mode) {
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || logit.requires_grad())) {
+    // nothing to differentiate (inference): skip the autograd node, its
+    // context and saved arguments, a few microseconds a call
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
+  }
   const variable_list outs = Lip2dForward::apply(x, logit, kernel_size, stride, padding, ceil_mode);
   return {outs[0], outs[1], outs[2]};
 }
@@ -120,6 +126,15 @@ std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const
                                                    const Tensor& inv_weight_sum,
                                                    IntArrayRef kernel_size, IntArrayRef stride,
                                                    IntArrayRef padding, bool ceil_mode) {
+  // as in the forward; this is the case of lip2d's own backward pass, which
+  // runs with grad mode off unless create_graph=True
+  if (!at::GradMode::is_enabled() ||
+      !(grad_out.requires_grad() || x.requires_grad() || logit.requires_grad() || out.requires_grad() ||
+        window_max.requires_grad() || inv_weight_sum.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return backward_op().call(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
+                              padding, ceil_mode);
+  }
   const variable_list grads = Lip2dBackward::apply(grad_out, x, logit, out, window_max,
                                                    inv_weight_sum, kernel_size, stride, padding,
                                                    ceil_mode);
