@@ -53,10 +53,15 @@ def fused_with_grads(x, logit, grad_out, k, s, p, ceil):
 
 
 def assert_matches_oracle(got, want, dtype):
+    """Each of out, grad_x, grad_logit within tol of the oracle, relative to
+    each element and to the problem's scale (the largest of the three): a
+    tensor that is exactly 0 in float64 (grad_logit where every window holds
+    one input) gets float32's rounding of x - y, not exactness."""
     fwd_tol, grad_tol = TOLERANCE[dtype]
+    scale = max((w.abs().max().item() for w in want if w.numel()), default=0.0)
     for g, w, tol in zip(got, want, (fwd_tol, grad_tol, grad_tol)):
         assert g.shape == w.shape
-        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale)
 
 
 def random_inputs(shape, dtype, layout, logit_shape=None, logit_high=6.0):
