@@ -617,9 +617,10 @@ inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go, const x_
 // Inlined by force: called once per pixel, and out of line (GCC's choice
 // for its two callers) it made both backward kernels 3-12% slower.
 template <int NB, typename x_t, typename l_t>
-[[gnu::always_inline]] inline void grads_covered(int64_t noh, int64_t now, const x_t* xi, const l_t* li, const x_t* go,
-                          const x_t* yo, const float* mo, const float* invo, int64_t o_row,
-                          int64_t o_col, x_t* gx, l_t* gl, bool stream) {
+[[gnu::always_inline]] inline void grads_covered(int64_t noh, int64_t now, const x_t* xi,
+                                                 const l_t* li, const x_t* go, const x_t* yo,
+                                                 const float* mo, const float* invo, int64_t o_row,
+                                                 int64_t o_col, x_t* gx, l_t* gl, bool stream) {
   switch ((noh - 1) * 2 + (now - 1)) {
     case 0: grads_unrolled<1, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
     case 1: grads_unrolled<1, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
