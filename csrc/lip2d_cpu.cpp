@@ -778,7 +778,6 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
 // that a big plane still splits across threads.
 constexpr int64_t kTaskElements = 16384;
 
-
 // The taps k of one dimension that fall inside the input for some output
 // (a kernel wider than the padded input is clipped to it): [first, last].
 inline void clipped_taps(int64_t k, int64_t s, int64_t p, int64_t in, int64_t out, int64_t& first,
@@ -1098,7 +1097,6 @@ void forward_rows(const ForwardTensors& t, const CallGeometry& cg, bool stream) 
     if (stream) cpu_math::stream_fence();
   });
 }
-
 
 // Backward's view of one dimension split into stride phases: input
 // i = a * s + r (phase r, element a) is covered by the outputs o = a - q,
