@@ -22,6 +22,10 @@
 //   are kLanes channels: a block of planes is transposed into a lane-minor
 //   float buffer [H][W][lane], computed there and transposed back (whole
 //   small planes, so the scratch is bounded by kMaxBlockPixels).
+// - contiguous NCHW, "gather" (backward only, planes 65 to 128 wide that
+//   rows would take): lanes are kLanes inputs of a row as they lie in
+//   memory; each output row is spread under the input columns by lane
+//   permutes, and covering outputs that share a reference share one exp.
 //
 // x and the logit may differ in dtype (float32 logits with float16/bfloat16
 // x); a logit shared across channels (broadcast) fills all lanes with one
@@ -1677,17 +1681,253 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
 
 // Which of the three kernels runs a call (float lanes; float64 never gets
 // here), and its name for _lip2d_last_kernel.
-enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows };
+// ---- contiguous NCHW, gather backward: lanes along a row ----------------
+
+// Where each lane vector of an input row finds its covering outputs along
+// W. Slot j of column w is output ow_first(w) + j (the covering outputs in
+// ascending order); the outputs a vector's lanes need are read as one lane
+// vector of their output row from `base`, and a lane permute (`index`)
+// puts each slot's output under its input.
+struct GatherColumns {
+  int64_t vectors = 0;           // lane vectors per input row
+  int64_t slots = 0;             // covering outputs of a column, at most
+  std::vector<int64_t> base;     // per vector: its first output column
+  std::vector<int64_t> outs;     // per vector: output columns read from base
+  // kLanes int32 each (std::vector of vector types loses their alignment)
+  std::vector<int32_t> index;    // per (vector, slot): output column - base
+  std::vector<int32_t> valid;    // per (vector, slot): the slot exists (-1)
+  std::vector<int32_t> covered;  // per vector: some output covers the column
+  bool fits = true;              // every slot's output within one lane vector
+
+  static LaneInts at(const std::vector<int32_t>& lanes, int64_t i) {
+    LaneInts v;
+    std::memcpy(&v, lanes.data() + i * kLanes, sizeof(v));
+    return v;
+  }
+};
+
+GatherColumns gather_columns(const LipGeometry& g) {
+  GatherColumns gc;
+  gc.vectors = (g.W + kLanes - 1) / kLanes;
+  for (int64_t w = 0; w < g.W; ++w) {
+    int64_t first, last;
+    covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
+    gc.slots = std::max(gc.slots, last - first + 1);
+  }
+  for (int64_t v = 0; v < gc.vectors; ++v) {
+    int64_t base = g.OW;
+    for (int64_t w = v * kLanes; w < std::min(g.W, (v + 1) * kLanes); ++w) {
+      int64_t first, last;
+      covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
+      if (first <= last) base = std::min(base, first);
+    }
+    if (base == g.OW) base = 0;  // no lane is covered
+    gc.base.push_back(base);
+    gc.outs.push_back(std::max<int64_t>(0, std::min<int64_t>(kLanes, g.OW - base)));
+    LaneInts covered{};
+    for (int64_t j = 0; j < gc.slots; ++j) {
+      LaneInts index{}, valid{};
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t w = v * kLanes + l;
+        if (w >= g.W) continue;
+        int64_t first, last;
+        covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
+        if (first + j > last) continue;
+        if (first + j - base >= kLanes) gc.fits = false;
+        index[l] = static_cast<int32_t>(std::min<int64_t>(first + j - base, kLanes - 1));
+        valid[l] = -1;
+        covered[l] = -1;
+      }
+      gc.index.insert(gc.index.end(), &index[0], &index[0] + kLanes);
+      gc.valid.insert(gc.valid.end(), &valid[0], &valid[0] + kLanes);
+    }
+    gc.covered.insert(gc.covered.end(), &covered[0], &covered[0] + kLanes);
+  }
+  return gc;
+}
+
+// Whether the gather backward takes this geometry: where windows overlap
+// (the tile form, whose strips share references), and each lane vector's
+// outputs lie within one lane vector of their row. The permutes need AVX2 or
+// AVX-512; an input row has at most 8 covering output rows (`covering`).
+bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
+  return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1 && (g.kH + g.sH - 1) / g.sH <= 8;
+}
+
+// Where it is the default: planes the rows kernels would take (over 64 x
+// 64), 65 to 128 wide. Measured against the rows backward (float32, 2
+// threads, inputs out of cache, k3 s2, two runs): 2x64x112x112 0.93 ->
+// 0.82-0.83 ms, 2x32x96x96 0.33-0.35 -> 0.31-0.32, 2x16x80x80 0.14 ->
+// 0.11-0.12; slower at 256 wide and more (4x8x256x256 0.99-1.04 ->
+// 1.06, 1x1x2048x2048 2.4 -> 2.9-3.4) and than the blocks backward on the
+// smaller planes (2x512x14x14 0.11 -> 0.28, 2x128x56x56 0.45-0.49 ->
+// 0.55-0.58): there each vector's one-row work (an exp and its covering
+// terms, a single dependency chain) is too little to keep the core busy.
+bool use_gather(const LipGeometry& g, const GatherColumns& gc) {
+  return gather_works(g, gc) && g.W > 64 && g.W <= 128 && !use_blocks(g);
+}
+
+// Both gradients of one lane vector of an input row over its NR covering
+// output rows (spread[i], each `slots` entries of reference, 1 / sum, grad,
+// y) and NS slots: grad_weight_tap in ascending (oh, ow) order, one exp per
+// distinct reference. NR, NS 0: the counts at run time.
+template <int NR, int NS>
+[[gnu::always_inline]] inline void gather_vector(const Lanes* const* spread, int64_t rows, int64_t slots,
+                                                 Lanes xi, Lanes li, Lanes& dx, Lanes& dl) {
+  const int64_t nr = NR ? NR : rows, ns = NS ? NS : slots;
+  dx = splat(0.0f);
+  dl = splat(0.0f);
+  Lanes reference = spread[0][0];
+  Lanes e = cpu_math::exp_lanes(li - reference);
+  LIP_UNROLL
+  for (int64_t i = 0; i < nr; ++i) {
+    const Lanes* d = spread[i];
+    LIP_UNROLL
+    for (int64_t j = 0; j < ns; ++j, d += 4) {
+      if ((i > 0 || j > 0) && !cpu_math::all_set(d[0] == reference)) {
+        reference = d[0];
+        e = cpu_math::exp_lanes(li - reference);
+      }
+      Step::grad_weight_tap(e, xi, d[2], d[3], d[1], dx, dl);
+    }
+  }
+}
+
+// Contiguous backward with lanes along an input row, as it lies in memory
+// (no transposes, no phase split). Each output row's four arrays are spread
+// under the input columns once per task (a lane permute per array and
+// slot), and the input rows they cover read them from there. Covering
+// outputs with the same reference (all of a tile-form strip's) share one
+// exp: an input takes one exp per distinct reference, not one per covering
+// output. The terms are grad_tap's (grad_weight_tap), added in ascending
+// (oh, ow) order, and an absent slot adds an exact zero (1 / sum and grad 0,
+// the reference of the column's first slot, so that its exp is finite):
+// bitwise the gradients of the other layouts.
+template <typename x_t, typename l_t>
+void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const GatherColumns& gc,
+                     bool stream) {
+  const LipGeometry& g = cg.g;
+  stream = stream && whole_lines({&t.grad_x, &t.grad_logit}, g.W);
+  const LogitStrides& ls = cg.ls;
+  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
+  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
+  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
+  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
+  const float* max_ptr = t.window_max.const_data_ptr<float>();
+  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
+  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
+  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const int64_t slots = gc.slots;
+  // per (vector, slot) of an output row: reference, 1 / sum, grad, y
+  const int64_t row_lanes = gc.vectors * slots * 4;
+  // input rows per task: about kTaskElements / 4 inputs, whole planes when
+  // small (the index arithmetic below is per task and per row)
+  const int64_t task_rows = std::min(g.H, std::max<int64_t>(2 * g.sH, kTaskElements / g.W));
+  const int64_t tasks_per_plane = (g.H + task_rows - 1) / task_rows;
+  std::vector<int64_t> first_row(g.H), last_row(g.H);
+  for (int64_t h = 0; h < g.H; ++h) {
+    covering_outputs<int64_t>(h, g.kH, g.sH, g.pH, g.OH, first_row[h], last_row[h]);
+  }
+  // the most output rows one task spreads
+  int64_t task_out_rows = 1;
+  for (int64_t h0 = 0; h0 < g.H; h0 += task_rows) {
+    const int64_t h1 = std::min(g.H, h0 + task_rows) - 1;
+    task_out_rows = std::max(task_out_rows, last_row[h1] - first_row[h0] + 1);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, g.N * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<Lanes[]> spread(new Lanes[task_out_rows * row_lanes]);
+    int64_t plane = begin / tasks_per_plane, band = begin % tasks_per_plane;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = plane / g.C, c = plane % g.C;
+      const int64_t h_begin = band * task_rows, h_end = std::min(g.H, h_begin + task_rows);
+      const int64_t oh_base = first_row[h_begin];
+      int64_t spread_end = oh_base;  // output rows [oh_base, spread_end) are spread
+      const int64_t o_plane = plane * g.OH * g.OW;
+      const x_t* x_plane = x_ptr + plane * g.H * g.W;
+      const l_t* l_plane = l_ptr + n * ls.n + c * ls.c;
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        const int64_t oh0 = first_row[h], oh1 = last_row[h];
+        for (; spread_end <= oh1; ++spread_end) {
+          Lanes* d = spread.get() + (spread_end - oh_base) * row_lanes;
+          const int64_t o = o_plane + spread_end * g.OW;
+          for (int64_t v = 0; v < gc.vectors; ++v) {
+            const int64_t at = o + gc.base[v], count = gc.outs[v];
+            const Lanes go = load_lanes(g_ptr + at, count), y = load_lanes(y_ptr + at, count);
+            const Lanes m = load_lanes(max_ptr + at, count), inv = load_lanes(inv_ptr + at, count);
+            // uncovered columns: reference +inf, their (discarded) weight 0
+            const Lanes m_first = cpu_math::select(
+                GatherColumns::at(gc.covered, v), __builtin_shuffle(m, GatherColumns::at(gc.index, v * slots)),
+                splat(inf));
+            for (int64_t j = 0; j < slots; ++j, d += 4) {
+              const LaneInts index = GatherColumns::at(gc.index, v * slots + j);
+              const LaneInts valid = GatherColumns::at(gc.valid, v * slots + j);
+              d[0] = cpu_math::select(valid, __builtin_shuffle(m, index), m_first);
+              d[1] = cpu_math::select(valid, __builtin_shuffle(inv, index), splat(0.0f));
+              d[2] = cpu_math::select(valid, __builtin_shuffle(go, index), splat(0.0f));
+              d[3] = __builtin_shuffle(y, index);
+            }
+          }
+        }
+        const int64_t rows = oh1 - oh0 + 1;
+        const x_t* xr = x_plane + h * g.W;
+        const l_t* lr = l_plane + h * g.W;
+        x_t* gxr = gx_ptr + plane * g.H * g.W + h * g.W;
+        l_t* glr = gl_ptr + plane * g.H * g.W + h * g.W;
+        const Lanes* covering[8];  // gather_works: at most 8 rows
+        for (int64_t i = 0; i < rows; ++i) covering[i] = spread.get() + (oh0 + i - oh_base) * row_lanes;
+        const int shape = rows < 1 ? -1 : (rows <= 2 && slots <= 2) ? int((rows - 1) * 2 + (slots - 1)) : 4;
+        for (int64_t v = 0, w0 = 0; v < gc.vectors; ++v, w0 += kLanes) {
+          const int64_t count = std::min<int64_t>(kLanes, g.W - w0);
+          const Lanes xi = load_lanes(xr + w0, count), li = load_lanes(lr + w0, count);
+          const Lanes* at[8];
+          for (int64_t i = 0; i < rows; ++i) at[i] = covering[i] + v * slots * 4;
+          Lanes dx = splat(0.0f), dl = splat(0.0f);
+          switch (shape) {
+            case -1: break;  // no output covers the row
+            case 0: gather_vector<1, 1>(at, rows, slots, xi, li, dx, dl); break;
+            case 1: gather_vector<1, 2>(at, rows, slots, xi, li, dx, dl); break;
+            case 2: gather_vector<2, 1>(at, rows, slots, xi, li, dx, dl); break;
+            case 3: gather_vector<2, 2>(at, rows, slots, xi, li, dx, dl); break;
+            default: gather_vector<0, 0>(at, rows, slots, xi, li, dx, dl); break;
+          }
+          // inputs no window covers: 0 whatever their logit (inf, NaN)
+          const LaneInts covered = GatherColumns::at(gc.covered, v);
+          store_lanes(gxr + w0, cpu_math::select(covered, dx, splat(0.0f)), count, stream);
+          store_lanes(glr + w0, cpu_math::select(covered, dl, splat(0.0f)), count, stream);
+        }
+      }
+      if (++band == tasks_per_plane) band = 0, ++plane;
+    }
+    if (stream) cpu_math::stream_fence();
+  });
+}
+
+enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows, PlanesGather };
 
 CpuKernel cpu_kernel_for(const CallGeometry& cg) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
   return use_blocks(cg.g) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
 }
 
+// The backward's kernel: the gather one where it takes the geometry (or
+// where LIP_CUDA_CPU_PLANES=gather asks for it and it works), else the
+// forward's.
+CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, const GatherColumns& gc) {
+  const CpuKernel kernel = cpu_kernel_for(cg);
+  if (kernel == CpuKernel::ChannelsLast) return kernel;
+  const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
+  const std::string planes = env ? env : "";
+  if (planes == "rows" || planes == "blocks") return kernel;
+  if (planes == "gather" ? gather_works(cg.g, gc) : use_gather(cg.g, gc)) return CpuKernel::PlanesGather;
+  return kernel;
+}
+
 const char* cpu_kernel_name(CpuKernel kernel) {
   switch (kernel) {
     case CpuKernel::ChannelsLast: return "cpu_" LIP_CPU_ISA_NAME "_channels_last";
     case CpuKernel::PlanesBlocks: return "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
+    case CpuKernel::PlanesGather: return "cpu_" LIP_CPU_ISA_NAME "_planes_gather";
     default: return "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
   }
 }
@@ -1711,7 +1951,8 @@ const char* forward(const ForwardTensors& t, const CallGeometry& cg, bool stream
 }
 
 const char* backward(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
-  const CpuKernel kernel = cpu_kernel_for(cg);
+  const GatherColumns gc = cg.channels_last ? GatherColumns{} : gather_columns(cg.g);
+  const CpuKernel kernel = cpu_backward_kernel_for(cg, gc);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);
@@ -1719,6 +1960,7 @@ const char* backward(const BackwardTensors& t, const CallGeometry& cg, bool stre
       switch (kernel) {
         case CpuKernel::ChannelsLast: backward_channels_last<x_t, l_t>(t, cg, stream); break;
         case CpuKernel::PlanesBlocks: backward_planes<x_t, l_t>(t, cg, stream); break;
+        case CpuKernel::PlanesGather: backward_gather<x_t, l_t>(t, cg, gc, stream); break;
         default: backward_rows<x_t, l_t>(t, cg, stream); break;
       }
     }

@@ -163,7 +163,14 @@ struct WindowStep {
   // dx_i += g_o p,  dl_i += g_o p (x_i - y_o).
   static LIP_HOST_DEVICE void grad_tap(V logit, V x, V grad_out, V y, V m, V inv_weight_sum,
                                        V& dx, V& dl) {
-    const V p = Math::exp_nonpositive(logit - m) * inv_weight_sum;
+    grad_weight_tap(Math::exp_nonpositive(logit - m), x, grad_out, y, inv_weight_sum, dx, dl);
+  }
+
+  // grad_tap with its weight e = exp(l_i - m_o) given: a kernel that sees
+  // several covering outputs share a reference computes e once for them.
+  static LIP_HOST_DEVICE void grad_weight_tap(V e, V x, V grad_out, V y, V inv_weight_sum, V& dx,
+                                              V& dl) {
+    const V p = e * inv_weight_sum;
     const V gp = grad_out * p;
     dx += gp;
     dl += Math::zero_where_zero(p, gp * (x - y));

@@ -307,6 +307,99 @@ def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
         assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, *geometry, ceil), torch.float32)
 
 
+def fused_backward_kernel(x, logit, grad_out, k, s, p, ceil):
+    """fused_with_grads, and the kernel that ran the backward."""
+    got, _ = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
+    return got, ops._lip2d_last_kernel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatch, seed):
+    """The gather backward (lanes along an input row, each output row spread
+    under the input columns by lane permutes, one exp per distinct
+    reference) adds grad_tap's terms in the other layouts' order: bitwise
+    the channels_last gradients, on random geometries (kernels 1-6, strides
+    1-4, any padding, ceil_mode, 1-70 rows, 1-150 columns), with masked
+    (-inf) logits, logits up to 30 apart (strips whose windows fall back to
+    their own max), and the inputs no window covers poisoned (NaN logit,
+    inf x): exactly 0 there."""
+    rng = np.random.default_rng(seed)
+    cases = gathered = 0
+    while cases < 30:
+        kh, kw = (int(v) for v in rng.integers(1, 7, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
+        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+        h, w = int(rng.integers(1, 71)), int(rng.integers(1, 151))
+        ceil = bool(rng.integers(0, 2))
+        try:
+            out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, h, w), (kh, kw), (sh, sw), (ph, pw), ceil).shape
+        except RuntimeError:
+            continue
+        if min(out_shape[2:]) < 1:
+            continue
+        cases += 1
+        geometry = ((kh, kw), (sh, sw), (ph, pw))
+        shape = (int(rng.integers(1, 3)), int(rng.integers(2, 5)), h, w)  # C > 1: channels_last differs
+        x, logit = random_inputs(shape, dtype, "contiguous", logit_high=float(rng.choice([6.0, 30.0])))
+        logit = logit.masked_fill(torch.rand(shape) < 0.1, float("-inf"))
+        grad_out = torch.randn(shape[0], shape[1], *out_shape[2:]).to(dtype)
+        uncovered = ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
+        x = x.masked_fill(uncovered, float("inf"))
+        logit = logit.masked_fill(uncovered, float("nan"))
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "gather")
+        got, kernel = fused_backward_kernel(x, logit, grad_out, *geometry, ceil)
+        gathered += kernel.endswith("planes_gather")
+        monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+        cl = torch.channels_last
+        want, kernel = fused_backward_kernel(
+            x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, *geometry, ceil)
+        assert kernel.endswith("channels_last")
+        case = f"{geometry} ceil={ceil} shape {shape}"
+        for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
+            assert torch.equal(a, b), f"{name} {case}"
+        assert torch.all(got[1][uncovered.expand_as(x)] == 0) and torch.all(got[2][uncovered.expand_as(x)] == 0), case
+    # the geometries it does not take (no overlapping windows, outputs of a
+    # lane vector wider than one) run the other kernels; most it takes
+    assert gathered >= 10, gathered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("logit_shape", [(1, 1), (2, 1), (1, 3)], ids=str)
+def test_gather_shared_logit_matches_oracle(dtype, logit_shape, seed):
+    """A plane 65-128 wide that the rows kernels would take runs the gather
+    backward by default; logits shared across images and/or channels are
+    read in place and their gradient summed over what shares them."""
+    shape, k, s, p = (2, 3, 70, 100), 3, 2, 1
+    x, logit = random_inputs(shape, dtype, "contiguous", logit_shape=(*logit_shape, 70, 100))
+    grad_out = torch.randn(2, 3, 35, 50).to(dtype)
+    got, kernel = fused_backward_kernel(x, logit, grad_out, k, s, p, False)
+    assert kernel.endswith("planes_gather"), kernel
+    want = oracle_with_grads(x, logit.expand_as(x), grad_out, k, s, p, False)
+    dims = tuple(d for d, n in enumerate(logit_shape) if n == 1)
+    want = (want[0], want[1], want[2].sum(dim=dims, keepdim=True))
+    assert got[2].shape == logit.shape
+    assert_matches_oracle(got, want, dtype)
+
+
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 3, 70, 112), "planes_gather"),
+    ((2, 32, 14, 14), "planes_blocks"),
+    ((1, 2, 150, 300), "planes_rows"),
+], ids=str)
+def test_default_backward_kernels(shape, kernel, monkeypatch, seed):
+    """Which contiguous backward runs by default: gather for planes 65-128
+    wide that rows would take, blocks for small planes with many channels,
+    rows elsewhere (docs/kernels.md has the measurements)."""
+    monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
+    x, logit = random_inputs(shape, torch.float32, "contiguous")
+    grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
+    got, name = fused_backward_kernel(x, logit, grad_out, 3, 2, 1, False)
+    if name.startswith("cpu_default_"):  # the gather kernel needs AVX2 or AVX-512
+        kernel = kernel.replace("gather", "rows")
+    assert name.endswith(kernel), name
+    assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), torch.float32)
+
+
 CPU_LAYOUTS = [("contiguous", "rows"), ("contiguous", "blocks"), ("channels_last", None)]
 
 
