@@ -57,6 +57,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -162,6 +163,17 @@ inline Lanes load_logit_lanes(const l_t* logit, const LogitStrides& ls, int64_t 
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The typed data pointers of a backward call: grad_out, x, logit, out,
+// window_max, inv_weight_sum, grad_x, grad_logit.
+template <typename x_t, typename l_t>
+std::tuple<const x_t*, const x_t*, const l_t*, const x_t*, const float*, const float*, x_t*, l_t*>
+backward_pointers(const BackwardTensors& t) {
+  return {t.grad_out.const_data_ptr<x_t>(), t.x.const_data_ptr<x_t>(), t.logit.const_data_ptr<l_t>(),
+          t.out.const_data_ptr<x_t>(), t.window_max.const_data_ptr<float>(),
+          t.inv_weight_sum.const_data_ptr<float>(), t.grad_x.mutable_data_ptr<x_t>(),
+          t.grad_logit.mutable_data_ptr<l_t>()};
+}
 
 // ---- the tile form over strips of output rows (every layout) --------------
 
@@ -706,14 +718,8 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
   const LipGeometry& g = cg.g;
   stream = stream && whole_lines({&t.grad_x, &t.grad_logit}, g.C);
   const LogitStrides& ls = cg.ls;
-  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
-  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
-  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
-  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
-  const float* max_ptr = t.window_max.const_data_ptr<float>();
-  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
-  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
-  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
+      backward_pointers<x_t, l_t>(t);
   const int64_t ahead = backward_prefetch_pixels(g.C * int64_t(sizeof(x_t)));
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -1148,14 +1154,8 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg, bool stream
   const LipGeometry& g = cg.g;
   stream = stream && whole_lines({&t.grad_x, &t.grad_logit}, g.W);
   const LogitStrides& ls = cg.ls;
-  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
-  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
-  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
-  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
-  const float* max_ptr = t.window_max.const_data_ptr<float>();
-  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
-  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
-  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
+      backward_pointers<x_t, l_t>(t);
   const PhaseTaps rows(g.kH, g.sH, g.pH, g.H, g.OH), cols(g.kW, g.sW, g.pW, g.W, g.OW);
   // Output column ow sits at left + ow of its row; an input lane of column
   // element b reads ow = b - q at left + b - q, in [0, P) for every b of
@@ -1595,14 +1595,8 @@ template <typename x_t, typename l_t>
 void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
   stream = stream && whole_line_vectors<x_t, l_t>() && whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
-  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
-  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
-  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
-  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
-  const float* max_ptr = t.window_max.const_data_ptr<float>();
-  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
-  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
-  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
+      backward_pointers<x_t, l_t>(t);
   const int64_t in_pixels = g.H * g.W;
   const int64_t out_pixels = g.OH * g.OW;
   // dx and dlogit replace x and the logit in the scratch (each pixel reads
@@ -1809,14 +1803,8 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
   const LipGeometry& g = cg.g;
   stream = stream && whole_lines({&t.grad_x, &t.grad_logit}, g.W);
   const LogitStrides& ls = cg.ls;
-  const x_t* g_ptr = t.grad_out.const_data_ptr<x_t>();
-  const x_t* x_ptr = t.x.const_data_ptr<x_t>();
-  const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
-  const x_t* y_ptr = t.out.const_data_ptr<x_t>();
-  const float* max_ptr = t.window_max.const_data_ptr<float>();
-  const float* inv_ptr = t.inv_weight_sum.const_data_ptr<float>();
-  x_t* gx_ptr = t.grad_x.mutable_data_ptr<x_t>();
-  l_t* gl_ptr = t.grad_logit.mutable_data_ptr<l_t>();
+  const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
+      backward_pointers<x_t, l_t>(t);
   const int64_t slots = gc.slots;
   // per (vector, slot) of an output row: reference, 1 / sum, grad, y
   const int64_t row_lanes = gc.vectors * slots * 4;

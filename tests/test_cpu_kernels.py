@@ -261,6 +261,27 @@ def covered(size, k, s, p, out):
     return mask
 
 
+def random_geometries(rng, count, max_k, max_h, max_w):
+    """count random ((kh, kw), (sh, sw), (ph, pw)), ceil_mode, (h, w) and
+    avg_pool2d's output shape: kernels 1..max_k, strides 1-4, any legal
+    padding, planes up to max_h x max_w with at least one output."""
+    cases = 0
+    while cases < count:
+        kh, kw = (int(v) for v in rng.integers(1, max_k + 1, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
+        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+        h, w = int(rng.integers(1, max_h + 1)), int(rng.integers(1, max_w + 1))
+        ceil = bool(rng.integers(0, 2))
+        try:
+            out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, h, w), (kh, kw), (sh, sw), (ph, pw), ceil).shape
+        except RuntimeError:
+            continue
+        if min(out_shape[2:]) < 1:
+            continue
+        cases += 1
+        yield ((kh, kw), (sh, sw), (ph, pw)), ceil, (h, w), out_shape
+
+
 def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
     """The rows backward lays each stride phase of a plane out flat, lanes
     running across its rows, with padded outputs around it, and splits tall
@@ -270,21 +291,8 @@ def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
     inputs that no window covers poisoned (NaN logit, inf x): their
     gradients must be exactly 0 and the rest unchanged."""
     rng = np.random.default_rng(seed)
-    cases = 0
-    while cases < 24:
-        kh, kw = (int(v) for v in rng.integers(1, 6, 2))
-        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
-        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
-        h, w = int(rng.integers(1, 261)), int(rng.integers(1, 151))
-        ceil = bool(rng.integers(0, 2))
-        try:
-            out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, h, w), (kh, kw), (sh, sw), (ph, pw), ceil).shape
-        except RuntimeError:
-            continue
-        if min(out_shape[2:]) < 1:
-            continue
-        cases += 1
-        geometry = ((kh, kw), (sh, sw), (ph, pw))
+    for geometry, ceil, (h, w), out_shape in random_geometries(rng, 24, 5, 260, 150):
+        (kh, kw), (sh, sw), (ph, pw) = geometry
         x, logit = random_inputs((1, 2, h, w), torch.float32, "contiguous")
         grad_out = torch.randn(1, 2, *out_shape[2:])
         uncovered = ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
@@ -324,21 +332,9 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
     their own max), and the inputs no window covers poisoned (NaN logit,
     inf x): exactly 0 there."""
     rng = np.random.default_rng(seed)
-    cases = gathered = 0
-    while cases < 30:
-        kh, kw = (int(v) for v in rng.integers(1, 7, 2))
-        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
-        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
-        h, w = int(rng.integers(1, 71)), int(rng.integers(1, 151))
-        ceil = bool(rng.integers(0, 2))
-        try:
-            out_shape = torch.nn.functional.avg_pool2d(torch.empty(1, 1, h, w), (kh, kw), (sh, sw), (ph, pw), ceil).shape
-        except RuntimeError:
-            continue
-        if min(out_shape[2:]) < 1:
-            continue
-        cases += 1
-        geometry = ((kh, kw), (sh, sw), (ph, pw))
+    gathered = 0
+    for geometry, ceil, (h, w), out_shape in random_geometries(rng, 30, 6, 70, 150):
+        (kh, kw), (sh, sw), (ph, pw) = geometry
         shape = (int(rng.integers(1, 3)), int(rng.integers(2, 5)), h, w)  # C > 1: channels_last differs
         x, logit = random_inputs(shape, dtype, "contiguous", logit_high=float(rng.choice([6.0, 30.0])))
         logit = logit.masked_fill(torch.rand(shape) < 0.1, float("-inf"))
