@@ -22,8 +22,8 @@
 //   are kLanes channels: a block of planes is transposed into a lane-minor
 //   float buffer [H][W][lane], computed there and transposed back (whole
 //   small planes, so the scratch is bounded by kMaxBlockPixels).
-// - contiguous NCHW, "gather" (backward only, planes 65 to 128 wide that
-//   rows would take): lanes are kLanes inputs of a row as they lie in
+// - contiguous NCHW, "gather" (backward only, planes 56 to 512 wide of at
+//   least 56 x 56 pixels): lanes are kLanes inputs of a row as they lie in
 //   memory; each output row is spread under the input columns by lane
 //   permutes, and covering outputs that share a reference share one exp.
 //
@@ -664,6 +664,19 @@ inline int64_t backward_prefetch_pixels(int64_t pixel_bytes) {
 inline void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte);
+}
+
+// The same for lines about to be written.
+inline void prefetch_range_for_write(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte, 1);
+}
+
+// Element `ahead_bytes` past p, for prefetches that run ahead of a stream
+// (prefetching past an allocation's end is harmless: it never faults).
+template <typename T>
+inline const T* bytes_ahead(const T* p, int64_t ahead_bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(p) + ahead_bytes);
 }
 
 // Byte ranges fetched a few cache lines at a time, so that a task's loads
@@ -1748,44 +1761,61 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
   return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1 && (g.kH + g.sH - 1) / g.sH <= 8;
 }
 
-// Where it is the default: planes the rows kernels would take (over 64 x
-// 64), 65 to 128 wide. Measured against the rows backward (float32, 2
-// threads, inputs out of cache, k3 s2, two runs): 2x64x112x112 0.93 ->
-// 0.82-0.83 ms, 2x32x96x96 0.33-0.35 -> 0.31-0.32, 2x16x80x80 0.14 ->
-// 0.11-0.12; slower at 256 wide and more (4x8x256x256 0.99-1.04 ->
-// 1.06, 1x1x2048x2048 2.4 -> 2.9-3.4) and than the blocks backward on the
-// smaller planes (2x512x14x14 0.11 -> 0.28, 2x128x56x56 0.45-0.49 ->
-// 0.55-0.58): there each vector's one-row work (an exp and its covering
-// terms, a single dependency chain) is too little to keep the core busy.
+// Where it is the default: planes 56 to 512 wide of at least 56 x 56
+// pixels. Measured (float32, 2 threads, inputs out of cache, k3 s2 p1,
+// op calls, backward ms, gather against the kernel otherwise taken, runs
+// of this VM that moved 10-30%): 2x128x56x56 0.42-0.47 against blocks
+// 0.45-0.59, 2x256x56x56 0.93 against 1.10, 2x64x112x112 0.76-0.83
+// against rows 0.93-0.98, 4x8x256x256 0.96 against 1.13-1.21; not
+// faster at 2x512x14x14 (0.15 against blocks 0.12), 28 x 28 (0.25-0.58
+// against 0.22-0.47), 40 x 40 and 48 x 48, where each lane vector's work
+// (an exp and its two to four covering terms, one dependency chain) comes
+// with a row's bookkeeping, nor at 1024 and 2048 wide (1.96-2.09 and
+// 2.9-3.4 against rows 1.74-2.69 and 2.4-3.2).
 bool use_gather(const LipGeometry& g, const GatherColumns& gc) {
-  return gather_works(g, gc) && g.W > 64 && g.W <= 128 && !use_blocks(g);
+  return gather_works(g, gc) && g.W >= 56 && g.W <= 512 && g.H * g.W >= 56 * 56;
 }
 
 // Both gradients of one lane vector of an input row over its NR covering
-// output rows (spread[i], each `slots` entries of reference, 1 / sum, grad,
-// y) and NS slots: grad_weight_tap in ascending (oh, ow) order, one exp per
-// distinct reference. NR, NS 0: the counts at run time.
+// output rows (d + i row_stride: `slots` entries of reference, 1 / sum,
+// grad, y each; uniform[i uniform_stride]: all its slots share the first
+// slot's references) and NS slots: grad_weight_tap in ascending (oh, ow)
+// order, one exp per distinct reference. NR, NS 0: the counts at run time.
 template <int NR, int NS>
-[[gnu::always_inline]] inline void gather_vector(const Lanes* const* spread, int64_t rows, int64_t slots,
+[[gnu::always_inline]] inline void gather_vector(const Lanes* d, int64_t row_stride, const char* uniform,
+                                                 int64_t uniform_stride, int64_t rows, int64_t slots,
                                                  Lanes xi, Lanes li, Lanes& dx, Lanes& dl) {
   const int64_t nr = NR ? NR : rows, ns = NS ? NS : slots;
   dx = splat(0.0f);
   dl = splat(0.0f);
-  Lanes reference = spread[0][0];
+  Lanes reference = d[0];
   Lanes e = cpu_math::exp_lanes(li - reference);
   LIP_UNROLL
-  for (int64_t i = 0; i < nr; ++i) {
-    const Lanes* d = spread[i];
+  for (int64_t i = 0; i < nr; ++i, d += row_stride, uniform += uniform_stride) {
+    if (i > 0 && !cpu_math::all_set(d[0] == reference)) {
+      reference = d[0];
+      e = cpu_math::exp_lanes(li - reference);
+    }
+    const bool shared = *uniform;
     LIP_UNROLL
-    for (int64_t j = 0; j < ns; ++j, d += 4) {
-      if ((i > 0 || j > 0) && !cpu_math::all_set(d[0] == reference)) {
-        reference = d[0];
+    for (int64_t j = 0; j < ns; ++j) {
+      const Lanes* t = d + 4 * j;
+      if (j > 0 && !shared && !cpu_math::all_set(t[0] == reference)) {
+        reference = t[0];
         e = cpu_math::exp_lanes(li - reference);
       }
-      Step::grad_weight_tap(e, xi, d[2], d[3], d[1], dx, dl);
+      Step::grad_weight_tap(e, xi, t[2], t[3], t[1], dx, dl);
     }
   }
 }
+
+// How far ahead of its float32 input rows the gather backward fetches
+// (scaled by element size, and by 1/4 for the outputs, which advance at a
+// quarter of the inputs' pace at stride 2): with only the hardware
+// prefetchers following its eight short streams, it took 0.61 ms at
+// 2x512x14x14 with one thread and the inputs out of cache, 0.27 ms with
+// this (2 threads: 0.27 -> 0.15 ms); 2, 4, 8 and 16 KiB measured alike.
+constexpr int64_t kGatherAheadBytes = 4096;
 
 // Contiguous backward with lanes along an input row, as it lies in memory
 // (no transposes, no phase split). Each output row's four arrays are spread
@@ -1797,6 +1827,7 @@ template <int NR, int NS>
 // (oh, ow) order, and an absent slot adds an exact zero (1 / sum and grad 0,
 // the reference of the column's first slot, so that its exp is finite):
 // bitwise the gradients of the other layouts.
+
 template <typename x_t, typename l_t>
 void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const GatherColumns& gc,
                      bool stream) {
@@ -1823,8 +1854,12 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
     task_out_rows = std::max(task_out_rows, last_row[h1] - first_row[h0] + 1);
   }
   const float inf = std::numeric_limits<float>::infinity();
+  const int64_t float_ahead = kGatherAheadBytes;
+  const int64_t x_ahead = kGatherAheadBytes * int64_t(sizeof(x_t)) / 4;
+  const int64_t l_ahead = kGatherAheadBytes * int64_t(sizeof(l_t)) / 4;
   at::parallel_for(0, g.N * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<Lanes[]> spread(new Lanes[task_out_rows * row_lanes]);
+    std::unique_ptr<char[]> uniform(new char[task_out_rows * gc.vectors]);
     int64_t plane = begin / tasks_per_plane, band = begin % tasks_per_plane;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = plane / g.C, c = plane % g.C;
@@ -1838,7 +1873,14 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
         const int64_t oh0 = first_row[h], oh1 = last_row[h];
         for (; spread_end <= oh1; ++spread_end) {
           Lanes* d = spread.get() + (spread_end - oh_base) * row_lanes;
+          char* shared = uniform.get() + (spread_end - oh_base) * gc.vectors;
           const int64_t o = o_plane + spread_end * g.OW;
+          // the output rows a few KiB ahead (the next planes' on small
+          // ones): 8 short streams are too many for the hardware prefetchers
+          prefetch_range(bytes_ahead(g_ptr + o, x_ahead / 4), g.OW * int64_t(sizeof(x_t)));
+          prefetch_range(bytes_ahead(y_ptr + o, x_ahead / 4), g.OW * int64_t(sizeof(x_t)));
+          prefetch_range(bytes_ahead(max_ptr + o, float_ahead / 4), g.OW * int64_t(sizeof(float)));
+          prefetch_range(bytes_ahead(inv_ptr + o, float_ahead / 4), g.OW * int64_t(sizeof(float)));
           for (int64_t v = 0; v < gc.vectors; ++v) {
             const int64_t at = o + gc.base[v], count = gc.outs[v];
             const Lanes go = load_lanes(g_ptr + at, count), y = load_lanes(y_ptr + at, count);
@@ -1847,6 +1889,7 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
             const Lanes m_first = cpu_math::select(
                 GatherColumns::at(gc.covered, v), __builtin_shuffle(m, GatherColumns::at(gc.index, v * slots)),
                 splat(inf));
+            bool same = true;
             for (int64_t j = 0; j < slots; ++j, d += 4) {
               const LaneInts index = GatherColumns::at(gc.index, v * slots + j);
               const LaneInts valid = GatherColumns::at(gc.valid, v * slots + j);
@@ -1854,7 +1897,9 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
               d[1] = cpu_math::select(valid, __builtin_shuffle(inv, index), splat(0.0f));
               d[2] = cpu_math::select(valid, __builtin_shuffle(go, index), splat(0.0f));
               d[3] = __builtin_shuffle(y, index);
+              same = same && cpu_math::all_set(d[0] == m_first);
             }
+            shared[v] = same;
           }
         }
         const int64_t rows = oh1 - oh0 + 1;
@@ -1862,22 +1907,28 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
         const l_t* lr = l_plane + h * g.W;
         x_t* gxr = gx_ptr + plane * g.H * g.W + h * g.W;
         l_t* glr = gl_ptr + plane * g.H * g.W + h * g.W;
-        const Lanes* covering[8];  // gather_works: at most 8 rows
-        for (int64_t i = 0; i < rows; ++i) covering[i] = spread.get() + (oh0 + i - oh_base) * row_lanes;
+        prefetch_range(bytes_ahead(xr, x_ahead), g.W * int64_t(sizeof(x_t)));
+        prefetch_range(bytes_ahead(lr, l_ahead), g.W * int64_t(sizeof(l_t)));
+        if (!stream) {  // streamed lines must not be cached first
+          prefetch_range_for_write(bytes_ahead(gxr, x_ahead), g.W * int64_t(sizeof(x_t)));
+          prefetch_range_for_write(bytes_ahead(glr, l_ahead), g.W * int64_t(sizeof(l_t)));
+        }
+        const Lanes* first = spread.get() + (oh0 - oh_base) * row_lanes;
+        const char* first_uniform = uniform.get() + (oh0 - oh_base) * gc.vectors;
         const int shape = rows < 1 ? -1 : (rows <= 2 && slots <= 2) ? int((rows - 1) * 2 + (slots - 1)) : 4;
         for (int64_t v = 0, w0 = 0; v < gc.vectors; ++v, w0 += kLanes) {
           const int64_t count = std::min<int64_t>(kLanes, g.W - w0);
           const Lanes xi = load_lanes(xr + w0, count), li = load_lanes(lr + w0, count);
-          const Lanes* at[8];
-          for (int64_t i = 0; i < rows; ++i) at[i] = covering[i] + v * slots * 4;
+          const Lanes* d = first + v * slots * 4;
+          const char* u = first_uniform + v;
           Lanes dx = splat(0.0f), dl = splat(0.0f);
           switch (shape) {
             case -1: break;  // no output covers the row
-            case 0: gather_vector<1, 1>(at, rows, slots, xi, li, dx, dl); break;
-            case 1: gather_vector<1, 2>(at, rows, slots, xi, li, dx, dl); break;
-            case 2: gather_vector<2, 1>(at, rows, slots, xi, li, dx, dl); break;
-            case 3: gather_vector<2, 2>(at, rows, slots, xi, li, dx, dl); break;
-            default: gather_vector<0, 0>(at, rows, slots, xi, li, dx, dl); break;
+            case 0: gather_vector<1, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
+            case 1: gather_vector<1, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
+            case 2: gather_vector<2, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
+            case 3: gather_vector<2, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
+            default: gather_vector<0, 0>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
           }
           // inputs no window covers: 0 whatever their logit (inf, NaN)
           const LaneInts covered = GatherColumns::at(gc.covered, v);

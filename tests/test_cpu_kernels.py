@@ -362,8 +362,7 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("logit_shape", [(1, 1), (2, 1), (1, 3)], ids=str)
 def test_gather_shared_logit_matches_oracle(dtype, logit_shape, seed):
-    """A plane 65-128 wide that the rows kernels would take runs the gather
-    backward by default; logits shared across images and/or channels are
+    """A plane 56 to 512 wide runs the gather backward by default; logits shared across images and/or channels are
     read in place and their gradient summed over what shares them."""
     shape, k, s, p = (2, 3, 70, 100), 3, 2, 1
     x, logit = random_inputs(shape, dtype, "contiguous", logit_shape=(*logit_shape, 70, 100))
@@ -379,13 +378,15 @@ def test_gather_shared_logit_matches_oracle(dtype, logit_shape, seed):
 
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 3, 70, 112), "planes_gather"),
+    ((2, 20, 56, 56), "planes_gather"),
     ((2, 32, 14, 14), "planes_blocks"),
-    ((1, 2, 150, 300), "planes_rows"),
+    ((2, 32, 48, 48), "planes_blocks"),
+    ((1, 2, 40, 1100), "planes_rows"),
 ], ids=str)
 def test_default_backward_kernels(shape, kernel, monkeypatch, seed):
-    """Which contiguous backward runs by default: gather for planes 65-128
-    wide that rows would take, blocks for small planes with many channels,
-    rows elsewhere (docs/kernels.md has the measurements)."""
+    """Which contiguous backward runs by default: gather for planes 56 to
+    512 wide of at least 56 x 56 pixels, blocks for smaller planes with
+    many channels, rows elsewhere (docs/kernels.md has the measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
     x, logit = random_inputs(shape, torch.float32, "contiguous")
     grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
