@@ -22,8 +22,8 @@
 //   are kLanes channels: a block of planes is transposed into a lane-minor
 //   float buffer [H][W][lane], computed there and transposed back (whole
 //   small planes, so the scratch is bounded by kMaxBlockPixels).
-// - contiguous NCHW, "gather" (backward only, planes 56 to 512 wide of at
-//   least 56 x 56 pixels): lanes are kLanes inputs of a row as they lie in
+// - contiguous NCHW, "gather" (backward only, planes 56 to 512 wide that
+//   blocks does not take): lanes are kLanes inputs of a row as they lie in
 //   memory; each output row is spread under the input columns by lane
 //   permutes, and covering outputs that share a reference share one exp.
 //
@@ -1761,19 +1761,22 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
   return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1 && (g.kH + g.sH - 1) / g.sH <= 8;
 }
 
-// Where it is the default: planes 56 to 512 wide of at least 56 x 56
-// pixels. Measured (float32, 2 threads, inputs out of cache, k3 s2 p1,
-// op calls, backward ms, gather against the kernel otherwise taken, runs
-// of this VM that moved 10-30%): 2x128x56x56 0.42-0.47 against blocks
-// 0.45-0.59, 2x256x56x56 0.93 against 1.10, 2x64x112x112 0.76-0.83
-// against rows 0.93-0.98, 4x8x256x256 0.96 against 1.13-1.21; not
-// faster at 2x512x14x14 (0.15 against blocks 0.12), 28 x 28 (0.25-0.58
-// against 0.22-0.47), 40 x 40 and 48 x 48, where each lane vector's work
-// (an exp and its two to four covering terms, one dependency chain) comes
-// with a row's bookkeeping, nor at 1024 and 2048 wide (1.96-2.09 and
-// 2.9-3.4 against rows 1.74-2.69 and 2.4-3.2).
+// Where it is the default: planes 56 to 512 wide that the blocks kernels
+// do not take. Op calls (float32, 2 threads, inputs out of cache, k3 s2
+// p1, backward ms, gather against the kernel otherwise taken, runs of this
+// VM that moved 10-30%): 2x64x112x112 0.76-0.83 against rows 0.93-0.98,
+// 2x32x96x96 0.27 against 0.35, 4x8x256x256 0.96 against 1.13-1.21; not
+// faster at 1024 and 2048 wide (1.96-2.09 and 2.9-3.4 against rows
+// 1.74-2.69 and 2.4-3.2). Against the blocks backward, through the
+// benchmark (bench_lip.py, two alternating runs): even in float32 at
+// 2x128x56x56 (0.58-0.59 against 0.55-0.58) and 2x256x56x56 (1.04-1.12
+// against 1.10-1.15), slower in bfloat16 (0.50-0.51 against 0.45; 0.99
+// against 0.83-0.87), and slower on the smaller planes (2x512x14x14 0.14
+// against 0.12, 28 x 28 0.25-0.58 against 0.22-0.47, 40 x 40, 48 x 48),
+// where each lane vector's work (an exp and its two to four covering
+// terms, one dependency chain) comes with a row's bookkeeping.
 bool use_gather(const LipGeometry& g, const GatherColumns& gc) {
-  return gather_works(g, gc) && g.W >= 56 && g.W <= 512 && g.H * g.W >= 56 * 56;
+  return gather_works(g, gc) && g.W >= 56 && g.W <= 512 && !use_blocks(g);
 }
 
 // Both gradients of one lane vector of an input row over its NR covering

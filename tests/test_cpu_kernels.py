@@ -379,14 +379,15 @@ def test_gather_shared_logit_matches_oracle(dtype, logit_shape, seed):
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 3, 70, 112), "planes_gather"),
     ((2, 20, 56, 56), "planes_gather"),
+    ((2, 64, 56, 56), "planes_blocks"),
     ((2, 32, 14, 14), "planes_blocks"),
-    ((2, 32, 48, 48), "planes_blocks"),
     ((1, 2, 40, 1100), "planes_rows"),
 ], ids=str)
 def test_default_backward_kernels(shape, kernel, monkeypatch, seed):
-    """Which contiguous backward runs by default: gather for planes 56 to
-    512 wide of at least 56 x 56 pixels, blocks for smaller planes with
-    many channels, rows elsewhere (docs/kernels.md has the measurements)."""
+    """Which contiguous backward runs by default: blocks for planes up to
+    64 x 64 with many channels (which fill its lanes), else gather for
+    planes 56 to 512 wide, else rows (docs/kernels.md has the
+    measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
     x, logit = random_inputs(shape, torch.float32, "contiguous")
     grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
