@@ -282,6 +282,30 @@ def random_geometries(rng, count, max_k, max_h, max_w):
         yield ((kh, kw), (sh, sw), (ph, pw)), ceil, (h, w), out_shape
 
 
+def fused_backward_kernel(x, logit, grad_out, k, s, p, ceil):
+    """fused_with_grads, and the kernel that ran the backward."""
+    got, _ = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
+    return got, ops._lip2d_last_kernel()
+
+
+def uncovered_inputs(h, w, geometry, out_shape):
+    """(h, w) mask of the inputs that no window covers."""
+    (kh, kw), (sh, sw), (ph, pw) = geometry
+    return ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
+
+
+def assert_equals_channels_last(got, x, logit, grad_out, geometry, ceil, uncovered, case):
+    """got (a contiguous kernel's out, grad_x, grad_logit) bitwise the
+    channels_last results, and both gradients exactly 0 where uncovered."""
+    cl = torch.channels_last
+    want, kernel = fused_backward_kernel(
+        x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, *geometry, ceil)
+    assert kernel.endswith("channels_last")
+    for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
+        assert torch.equal(a, b), f"{name} {case}"
+    assert torch.all(got[1][uncovered.expand_as(x)] == 0) and torch.all(got[2][uncovered.expand_as(x)] == 0), case
+
+
 def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
     """The rows backward lays each stride phase of a plane out flat, lanes
     running across its rows, with padded outputs around it, and splits tall
@@ -292,33 +316,20 @@ def test_rows_backward_random_geometries_equal_channels_last(monkeypatch, seed):
     gradients must be exactly 0 and the rest unchanged."""
     rng = np.random.default_rng(seed)
     for geometry, ceil, (h, w), out_shape in random_geometries(rng, 24, 5, 260, 150):
-        (kh, kw), (sh, sw), (ph, pw) = geometry
         x, logit = random_inputs((1, 2, h, w), torch.float32, "contiguous")
         grad_out = torch.randn(1, 2, *out_shape[2:])
-        uncovered = ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
+        uncovered = uncovered_inputs(h, w, geometry, out_shape)
         x_poisoned = x.masked_fill(uncovered, float("inf"))
         logit_poisoned = logit.masked_fill(uncovered, float("nan"))
         monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "rows")
-        got, kernel = fused_with_grads(x_poisoned, logit_poisoned, grad_out, *geometry, ceil)
+        got, kernel = fused_backward_kernel(x_poisoned, logit_poisoned, grad_out, *geometry, ceil)
         assert kernel.endswith("planes_rows")
         monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
-        cl = torch.channels_last
-        want, kernel = fused_with_grads(
-            x_poisoned.to(memory_format=cl), logit_poisoned.to(memory_format=cl), grad_out, *geometry, ceil)
-        assert kernel.endswith("channels_last")
-        case = f"{geometry} ceil={ceil} plane {h}x{w}"
-        for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
-            assert torch.equal(a, b), f"{name} {case}"
-        assert torch.all(got[1][uncovered.expand_as(x)] == 0) and torch.all(got[2][uncovered.expand_as(x)] == 0), case
+        assert_equals_channels_last(got, x_poisoned, logit_poisoned, grad_out, geometry, ceil, uncovered,
+                                    f"{geometry} ceil={ceil} plane {h}x{w}")
         # the poison changes nothing else (up to the rounding of the strip
         # maxima, which the uncovered logits took part in before)
         assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, *geometry, ceil), torch.float32)
-
-
-def fused_backward_kernel(x, logit, grad_out, k, s, p, ceil):
-    """fused_with_grads, and the kernel that ran the backward."""
-    got, _ = fused_with_grads(x, logit, grad_out, k, s, p, ceil)
-    return got, ops._lip2d_last_kernel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
@@ -334,26 +345,19 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
     rng = np.random.default_rng(seed)
     gathered = 0
     for geometry, ceil, (h, w), out_shape in random_geometries(rng, 30, 6, 70, 150):
-        (kh, kw), (sh, sw), (ph, pw) = geometry
         shape = (int(rng.integers(1, 3)), int(rng.integers(2, 5)), h, w)  # C > 1: channels_last differs
         x, logit = random_inputs(shape, dtype, "contiguous", logit_high=float(rng.choice([6.0, 30.0])))
         logit = logit.masked_fill(torch.rand(shape) < 0.1, float("-inf"))
         grad_out = torch.randn(shape[0], shape[1], *out_shape[2:]).to(dtype)
-        uncovered = ~(covered(h, kh, sh, ph, out_shape[2])[:, None] & covered(w, kw, sw, pw, out_shape[3])[None, :])
+        uncovered = uncovered_inputs(h, w, geometry, out_shape)
         x = x.masked_fill(uncovered, float("inf"))
         logit = logit.masked_fill(uncovered, float("nan"))
         monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "gather")
         got, kernel = fused_backward_kernel(x, logit, grad_out, *geometry, ceil)
         gathered += kernel.endswith("planes_gather")
         monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
-        cl = torch.channels_last
-        want, kernel = fused_backward_kernel(
-            x.to(memory_format=cl), logit.to(memory_format=cl), grad_out, *geometry, ceil)
-        assert kernel.endswith("channels_last")
-        case = f"{geometry} ceil={ceil} shape {shape}"
-        for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
-            assert torch.equal(a, b), f"{name} {case}"
-        assert torch.all(got[1][uncovered.expand_as(x)] == 0) and torch.all(got[2][uncovered.expand_as(x)] == 0), case
+        assert_equals_channels_last(got, x, logit, grad_out, geometry, ceil, uncovered,
+                                    f"{geometry} ceil={ceil} shape {shape}")
     # the geometries it does not take (no overlapping windows, outputs of a
     # lane vector wider than one) run the other kernels; most it takes
     assert gathered >= 10, gathered
