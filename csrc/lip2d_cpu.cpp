@@ -1716,17 +1716,15 @@ struct GatherColumns {
 GatherColumns gather_columns(const LipGeometry& g) {
   GatherColumns gc;
   gc.vectors = (g.W + kLanes - 1) / kLanes;
+  std::vector<int64_t> first(g.W), last(g.W);  // each column's covering outputs
   for (int64_t w = 0; w < g.W; ++w) {
-    int64_t first, last;
-    covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
-    gc.slots = std::max(gc.slots, last - first + 1);
+    covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first[w], last[w]);
+    gc.slots = std::max(gc.slots, last[w] - first[w] + 1);
   }
   for (int64_t v = 0; v < gc.vectors; ++v) {
     int64_t base = g.OW;
     for (int64_t w = v * kLanes; w < std::min(g.W, (v + 1) * kLanes); ++w) {
-      int64_t first, last;
-      covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
-      if (first <= last) base = std::min(base, first);
+      if (first[w] <= last[w]) base = std::min(base, first[w]);
     }
     if (base == g.OW) base = 0;  // no lane is covered
     gc.base.push_back(base);
@@ -1736,12 +1734,9 @@ GatherColumns gather_columns(const LipGeometry& g) {
       LaneInts index{}, valid{};
       for (int l = 0; l < kLanes; ++l) {
         const int64_t w = v * kLanes + l;
-        if (w >= g.W) continue;
-        int64_t first, last;
-        covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, first, last);
-        if (first + j > last) continue;
-        if (first + j - base >= kLanes) gc.fits = false;
-        index[l] = static_cast<int32_t>(std::min<int64_t>(first + j - base, kLanes - 1));
+        if (w >= g.W || first[w] + j > last[w]) continue;
+        if (first[w] + j - base >= kLanes) gc.fits = false;
+        index[l] = static_cast<int32_t>(std::min<int64_t>(first[w] + j - base, kLanes - 1));
         valid[l] = -1;
         covered[l] = -1;
       }
@@ -1775,9 +1770,7 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
 // against 0.12, 28 x 28 0.25-0.58 against 0.22-0.47, 40 x 40, 48 x 48),
 // where each lane vector's work (an exp and its two to four covering
 // terms, one dependency chain) comes with a row's bookkeeping.
-bool use_gather(const LipGeometry& g, const GatherColumns& gc) {
-  return gather_works(g, gc) && g.W >= 56 && g.W <= 512 && !use_blocks(g);
-}
+bool gather_by_default(const LipGeometry& g) { return g.W >= 56 && g.W <= 512 && !use_blocks(g); }
 
 // Both gradients of one lane vector of an input row over its NR covering
 // output rows (d + i row_stride: `slots` entries of reference, 1 / sum,
@@ -1952,17 +1945,18 @@ CpuKernel cpu_kernel_for(const CallGeometry& cg) {
   return use_blocks(cg.g) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
 }
 
-// The backward's kernel: the gather one where it takes the geometry (or
-// where LIP_CUDA_CPU_PLANES=gather asks for it and it works), else the
-// forward's.
-CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, const GatherColumns& gc) {
+// The backward's kernel: the gather one where it is the default (or where
+// LIP_CUDA_CPU_PLANES=gather asks for it) and it takes the geometry, else
+// the forward's. Fills gc only then: its tables cost host time per column.
+CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, GatherColumns& gc) {
   const CpuKernel kernel = cpu_kernel_for(cg);
   if (kernel == CpuKernel::ChannelsLast) return kernel;
   const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
   const std::string planes = env ? env : "";
   if (planes == "rows" || planes == "blocks") return kernel;
-  if (planes == "gather" ? gather_works(cg.g, gc) : use_gather(cg.g, gc)) return CpuKernel::PlanesGather;
-  return kernel;
+  if (planes != "gather" && !gather_by_default(cg.g)) return kernel;
+  gc = gather_columns(cg.g);
+  return gather_works(cg.g, gc) ? CpuKernel::PlanesGather : kernel;
 }
 
 const char* cpu_kernel_name(CpuKernel kernel) {
@@ -1993,7 +1987,7 @@ const char* forward(const ForwardTensors& t, const CallGeometry& cg, bool stream
 }
 
 const char* backward(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
-  const GatherColumns gc = cg.channels_last ? GatherColumns{} : gather_columns(cg.g);
+  GatherColumns gc;
   const CpuKernel kernel = cpu_backward_kernel_for(cg, gc);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
