@@ -340,14 +340,16 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
     the channels_last gradients, on random geometries (kernels 1-6, strides
     1-4, any padding, ceil_mode, 1-70 rows, 1-150 columns), with masked
     (-inf) logits, logits up to 30 apart (strips whose windows fall back to
-    their own max), and the inputs no window covers poisoned (NaN logit,
-    inf x): exactly 0 there."""
+    their own max), float32 logits with half x, and the inputs no window
+    covers poisoned (NaN logit, inf x): exactly 0 there."""
     rng = np.random.default_rng(seed)
     gathered = 0
     for geometry, ceil, (h, w), out_shape in random_geometries(rng, 30, 6, 70, 150):
         shape = (int(rng.integers(1, 3)), int(rng.integers(2, 5)), h, w)  # C > 1: channels_last differs
         x, logit = random_inputs(shape, dtype, "contiguous", logit_high=float(rng.choice([6.0, 30.0])))
         logit = logit.masked_fill(torch.rand(shape) < 0.1, float("-inf"))
+        if dtype != torch.float32 and rng.integers(0, 2):
+            logit = logit.float()  # float32 logits with half x, as autocast gives them
         grad_out = torch.randn(shape[0], shape[1], *out_shape[2:]).to(dtype)
         uncovered = uncovered_inputs(h, w, geometry, out_shape)
         x = x.masked_fill(uncovered, float("inf"))
