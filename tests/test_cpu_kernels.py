@@ -557,6 +557,7 @@ ISA_CASES = [  # shape, layout, dtype: one per kernel layout and lane conversion
     ((2, 21, 15, 17), "channels_last", torch.float32),
     ((1, 2, 29, 45), "contiguous", torch.bfloat16),
     ((2, 19, 13, 11), "channels_last", torch.float16),
+    ((1, 3, 21, 64), "contiguous", torch.float16),  # the gather backward (AVX2, AVX-512)
 ]
 
 
