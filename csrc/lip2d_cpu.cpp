@@ -1751,9 +1751,9 @@ GatherColumns gather_columns(const LipGeometry& g) {
 // Whether the gather backward takes this geometry: where windows overlap
 // (the tile form, whose strips share references), and each lane vector's
 // outputs lie within one lane vector of their row. The permutes need AVX2 or
-// AVX-512; an input row has at most 8 covering output rows (`covering`).
+// AVX-512.
 bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
-  return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1 && (g.kH + g.sH - 1) / g.sH <= 8;
+  return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1;
 }
 
 // Where it is the default: planes 56 to 512 wide that the blocks kernels
@@ -2138,8 +2138,9 @@ const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
     return lip2d_forward_emulated(t, cg, "generic", false);
   }
   const int isa = isa_to_run();
-  // the baseline build has no streaming stores (see stream_bits)
-  const bool stream = isa > 0 && stream_outputs({&t.x, &t.logit}, {&t.out, &t.window_max, &t.inv_weight_sum});
+  // the baseline build has no streaming stores (see stream_bits); the
+  // setting is checked whatever the build
+  const bool stream = stream_outputs({&t.x, &t.logit}, {&t.out, &t.window_max, &t.inv_weight_sum}) && isa > 0;
   switch (isa) {
 #if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
@@ -2161,9 +2162,9 @@ const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg)
     return lip2d_backward_emulated(t, cg, "generic", false);
   }
   const int isa = isa_to_run();
-  const bool stream = isa > 0 && stream_outputs({&t.grad_out, &t.x, &t.logit, &t.out, &t.window_max,
-                                                 &t.inv_weight_sum},
-                                                {&t.grad_x, &t.grad_logit});
+  const bool stream = stream_outputs({&t.grad_out, &t.x, &t.logit, &t.out, &t.window_max, &t.inv_weight_sum},
+                                     {&t.grad_x, &t.grad_logit}) &&
+                      isa > 0;  // as in lip2d_forward_cpu
   switch (isa) {
 #if defined(LIP_CPU_AVX512BF16_BUILD)
     case 3:
