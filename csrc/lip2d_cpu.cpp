@@ -1686,8 +1686,6 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
   });
 }
 
-// Which of the three kernels runs a call (float lanes; float64 never gets
-// here), and its name for _lip2d_last_kernel.
 // ---- contiguous NCHW, gather backward: lanes along a row ----------------
 
 // Where each lane vector of an input row finds its covering outputs along
@@ -1756,8 +1754,8 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
   return kLanes >= 8 && tile_form_pays(g) && gc.fits && gc.slots >= 1;
 }
 
-// Where it is the default: planes 56 to 512 wide that the blocks kernels
-// do not take. Op calls (float32, 2 threads, inputs out of cache, k3 s2
+// Where it is the default, among the planes the blocks kernels do not
+// take: those 56 to 512 wide. Op calls (float32, 2 threads, inputs out of cache, k3 s2
 // p1, backward ms, gather against the kernel otherwise taken, runs of this
 // VM that moved 10-30%): 2x64x112x112 0.76-0.83 against rows 0.93-0.98,
 // 2x32x96x96 0.27 against 0.35, 4x8x256x256 0.96 against 1.13-1.21; not
@@ -1770,7 +1768,7 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
 // against 0.12, 28 x 28 0.25-0.58 against 0.22-0.47, 40 x 40, 48 x 48),
 // where each lane vector's work (an exp and its two to four covering
 // terms, one dependency chain) comes with a row's bookkeeping.
-bool gather_by_default(const LipGeometry& g) { return g.W >= 56 && g.W <= 512 && !use_blocks(g); }
+bool gather_by_default(const LipGeometry& g) { return g.W >= 56 && g.W <= 512; }
 
 // Both gradients of one lane vector of an input row over its NR covering
 // output rows (d + i row_stride: `slots` entries of reference, 1 / sum,
@@ -1823,7 +1821,6 @@ constexpr int64_t kGatherAheadBytes = 4096;
 // (oh, ow) order, and an absent slot adds an exact zero (1 / sum and grad 0,
 // the reference of the column's first slot, so that its exp is finite):
 // bitwise the gradients of the other layouts.
-
 template <typename x_t, typename l_t>
 void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const GatherColumns& gc,
                      bool stream) {
@@ -1835,8 +1832,8 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
   const int64_t slots = gc.slots;
   // per (vector, slot) of an output row: reference, 1 / sum, grad, y
   const int64_t row_lanes = gc.vectors * slots * 4;
-  // input rows per task: about kTaskElements / 4 inputs, whole planes when
-  // small (the index arithmetic below is per task and per row)
+  // input rows per task: about kTaskElements inputs (whole planes when
+  // small), at least two strides' worth
   const int64_t task_rows = std::min(g.H, std::max<int64_t>(2 * g.sH, kTaskElements / g.W));
   const int64_t tasks_per_plane = (g.H + task_rows - 1) / task_rows;
   std::vector<int64_t> first_row(g.H), last_row(g.H);
@@ -1938,6 +1935,10 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
   });
 }
 
+// ---- kernel choice ------------------------------------------------------
+
+// Which of the four kernels runs a call (float lanes; float64 never gets
+// here), and its name for _lip2d_last_kernel.
 enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows, PlanesGather };
 
 CpuKernel cpu_kernel_for(const CallGeometry& cg) {
@@ -1954,7 +1955,7 @@ CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, GatherColumns& gc) {
   const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
   const std::string planes = env ? env : "";
   if (planes == "rows" || planes == "blocks") return kernel;
-  if (planes != "gather" && !gather_by_default(cg.g)) return kernel;
+  if (planes != "gather" && !(kernel == CpuKernel::PlanesRows && gather_by_default(cg.g))) return kernel;
   gc = gather_columns(cg.g);
   return gather_works(cg.g, gc) ? CpuKernel::PlanesGather : kernel;
 }
