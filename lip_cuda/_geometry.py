@@ -25,7 +25,13 @@ def _int_value(item, name: str, value) -> int:
             f"lip2d: expected {name} to be an int or a pair of ints, but got {kind}"
             + (f" in {value!r}" if item is not value else "")
         )
-    number = operator.index(item)
+    try:
+        number = operator.index(item)
+    except TypeError:  # e.g. a numpy array, whose __index__ takes only one element
+        raise TypeError(
+            f"lip2d: expected {name} to be an int or a pair of ints, but got "
+            f"{type(item).__name__} {item!r}" + (f" in {value!r}" if item is not value else "")
+        ) from None
     if not _INT64_MIN <= number <= _INT64_MAX:
         raise ValueError(
             f"lip2d: expected {name} to hold values that fit in a 64-bit integer, but got {number}"
@@ -60,6 +66,17 @@ def pool_args(
     else:
         strides = _pair(stride, "stride")
     return kernel, strides, _pair(padding, "padding")
+
+
+def check_ceil_mode(ceil_mode: bool) -> bool:
+    """ceil_mode as avg_pool2d takes it: a bool, nothing that merely converts to one."""
+    if ceil_mode is not True and ceil_mode is not False:
+        kind = type(ceil_mode)
+        kind_name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        raise TypeError(
+            f"lip2d: expected ceil_mode to be a bool (True or False), but got {kind_name} {ceil_mode!r}"
+        )
+    return ceil_mode
 
 
 def pooled_size(size, kernel: int, stride: int, padding: int, ceil_mode: bool):

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd)
-from ._geometry import IntPair, pool_args
+from ._geometry import IntPair, check_ceil_mode, pool_args
 
 
 def _check_tensors(x: torch.Tensor, logit: torch.Tensor) -> None:
@@ -98,6 +98,7 @@ def lip2d(
         torch.Size([2, 64, 28, 28])
     """
     kernel, strides, pads = pool_args(kernel_size, stride, padding)
+    check_ceil_mode(ceil_mode)
     _check_tensors(x, logit)
     unbatched = x.dim() == 3
     if unbatched:

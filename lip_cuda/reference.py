@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._geometry import IntPair, pool_args
+from ._geometry import IntPair, check_ceil_mode, pool_args
 
 
 def lip2d_reference(
@@ -34,6 +34,7 @@ def lip2d_reference(
         torch.Size([2, 8, 8, 8])
     """
     kernel, strides, pads = pool_args(kernel_size, stride, padding)
+    check_ceil_mode(ceil_mode)
     weight = logit.exp()
     numerator = F.avg_pool2d(x * weight, kernel, strides, pads, ceil_mode=ceil_mode)
     denominator = F.avg_pool2d(weight, kernel, strides, pads, ceil_mode=ceil_mode)

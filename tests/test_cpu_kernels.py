@@ -786,6 +786,11 @@ BAD_ARGUMENTS = [
     ("string", dict(stride="2"), TypeError, r"stride to be an int or a pair of ints, but got str"),
     ("2**63", dict(stride=2**63), ValueError, r"stride to hold values that fit in a 64-bit integer, but got 9223372036854775808"),
     ("-2**63-1", dict(padding=(0, -2**63 - 1)), ValueError, r"padding to hold values that fit in a 64-bit integer"),
+    ("numpy array", dict(kernel_size=np.array([3, 3])), TypeError,
+     r"kernel_size to be an int or a pair of ints, but got ndarray array\(\[3, 3\]\)"),
+    ("ceil_mode None", dict(ceil_mode=None), TypeError, r"ceil_mode to be a bool \(True or False\), but got NoneType None"),
+    ("ceil_mode int", dict(ceil_mode=1), TypeError, r"ceil_mode to be a bool \(True or False\), but got int 1"),
+    ("ceil_mode numpy", dict(ceil_mode=np.True_), TypeError, r"ceil_mode to be a bool \(True or False\), but got numpy.bool"),
 ]
 
 
