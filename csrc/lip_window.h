@@ -127,6 +127,17 @@ struct ScalarMath {
 // window is recomputed relative to its own max (WindowStep, tile form).
 constexpr float kTileMinWeightSum = 2.0611537e-9f;
 
+// The weighted sums hold e x * kSumScale, and finish scales y back. A power
+// of two, so in the normal range it changes no bit of y; what it changes is
+// where the sum overflows: unscaled, a window's sum of e x passed the type's
+// max once |x| passed max / window size (3.8e37 in float for 3 x 3), though
+// the mean it divides into cannot; scaled, windows of up to 16 taps (4 x 4)
+// stay finite for any finite x, larger ones up to max * 16 / taps. The
+// products leave the normal range 4 binades earlier instead (|e x| below
+// about 2e-37 in float), where they lost precision already; half-type x,
+// summed in float, gets near neither.
+constexpr float kSumScale = 1.0f / 16.0f;
+
 // ---- the stable window step, written once --------------------------------
 //
 // A kernel visits the taps of a window twice: first max_tap over all of
@@ -150,12 +161,12 @@ struct WindowStep {
   static LIP_HOST_DEVICE void add_tap(V logit, V x, V m, V& weight_sum, V& weighted_sum) {
     const V e = Math::exp_nonpositive(logit - m);
     weight_sum += e;
-    weighted_sum += Math::zero_where_zero(e, e * x);
+    weighted_sum += Math::zero_where_zero(e, e * (x * Math::splat(kSumScale)));
   }
 
   // y = weighted / S, and 1 / S for backward; both 0 for a fully masked window.
   static LIP_HOST_DEVICE void finish(V weight_sum, V weighted_sum, V& y, V& inv_weight_sum) {
-    y = Math::quotient_or_zero(weighted_sum, weight_sum);
+    y = Math::quotient_or_zero(weighted_sum, weight_sum) * Math::splat(1.0f / kSumScale);
     inv_weight_sum = Math::reciprocal_or_zero(weight_sum);
   }
 
@@ -189,7 +200,7 @@ struct WindowStep {
 
   static LIP_HOST_DEVICE void tile_weight(V logit, V x, V tile_max, V& e, V& ex) {
     e = Math::exp_nonpositive(logit - tile_max);
-    ex = Math::zero_where_zero(e, e * x);
+    ex = Math::zero_where_zero(e, e * (x * Math::splat(kSumScale)));
   }
 
   static LIP_HOST_DEVICE void add_weight(V e, V ex, V& weight_sum, V& weighted_sum) {

@@ -630,12 +630,17 @@ def test_avx512bf16_build_stores_the_bits_of_the_avx512_build(layout, monkeypatc
     x = torch.randn(shape, dtype=torch.float64)
     x[0, :5] *= 1e-39  # outputs and gradients in bfloat16's denormal range
     x[1, 3, 4, 5] = float("nan")
-    x[1, 7] = 3.3e38 + 1e36 * torch.rand(11, 14)  # near bfloat16's max: some round to inf
+    x[1, 7] = 3.3e38 + 1e36 * torch.rand(11, 14)  # near bfloat16's max
     logit = torch.rand(shape, dtype=torch.float64) * 6
     logit[0, 9, 2:6, 3:8] = -float("inf")
+    # the one unmasked input of its two covering windows: its x gradient, the
+    # sum of their two upstream gradients (3.399e38 in float), rounds up to inf
+    logit[1, 8] = -float("inf")
+    logit[1, 8, 3, 4] = 0.0
     x, logit = x.to(torch.bfloat16), logit.to(torch.bfloat16)
     grad_out = torch.randn(2, 37, 6, 7).to(torch.bfloat16)
     grad_out[0, 11] *= 1e-38
+    grad_out[1, 8] = 1.7e38
     if layout == "channels_last":
         x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
     results = {}

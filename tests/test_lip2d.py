@@ -320,6 +320,33 @@ def test_gradients_accurate_at_large_logit_offsets(dtype, offsets, tol, layout, 
     assert gl2.flatten().tolist() == [-0.5, 0.5]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,scale", [
+    (torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1e308),
+], ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", [GEOMETRIES[-6], GEOMETRIES[-4], GEOMETRIES[-1]], ids=geometry_id)
+def test_x_near_the_dtype_max_stays_finite(case, dtype, scale, layout, device, seed):
+    """A window's sum of exp(l - m) x overflowed once |x| passed the type's
+    max / window size (as avg_pool2d's sum does), though the mean cannot:
+    windows of up to 16 taps now stay finite for any finite x. x of one sign,
+    so that x - y (in the logit gradient) stays in range too."""
+    k, s, p, ceil, h, w = case
+    x = (scale * (0.5 + 0.5 * torch.rand(2, 21, h, w, dtype=torch.float64))).to(dtype)
+    logit = (torch.rand(x.shape, dtype=torch.float64) * 4).to(dtype)
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    oh, ow = F.avg_pool2d(torch.empty(1, 1, h, w), k, s, p, ceil_mode=ceil).shape[-2:]
+    # |grad| < 1: the oracle's float64 products g x stay in range at 1e308
+    grad_out = (torch.rand(2, 21, oh, ow, dtype=torch.float64) - 0.5).to(dtype)
+    y, gx, gl = run_fused(x.to(device), logit.to(device), grad_out.to(device), k, s, p, ceil)
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    want = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
+    for got, ref, tol in zip((y, gx, gl), want, (fwd_tol, grad_tol, grad_tol)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 def x_format(x):
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
