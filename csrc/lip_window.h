@@ -134,7 +134,7 @@ constexpr float kTileMinWeightSum = 2.0611537e-9f;
 // the mean it divides into cannot; scaled, windows of up to 16 taps (4 x 4)
 // stay finite for any finite x, larger ones up to max * 16 / taps. The
 // products leave the normal range 4 binades earlier instead (|e x| below
-// about 2e-37 in float), where they lost precision already; half-type x,
+// about 2e-37 in float), where they lost precision already; float16 x,
 // summed in float, gets near neither.
 constexpr float kSumScale = 1.0f / 16.0f;
 
