@@ -1342,14 +1342,19 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg, bool stream
 // bigger planes stay on rows, whose scratch is a few rows).
 constexpr int64_t kMaxBlockPixels = 64 * 64;
 
+// The contiguous kernel that tests and benchmarks ask for with
+// LIP_CUDA_CPU_PLANES (rows, blocks or gather), or "" for the default.
+std::string forced_planes_kernel() {
+  const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
+  return env ? env : "";
+}
+
 bool use_blocks(const LipGeometry& g) {
   if (g.H * g.W > kMaxBlockPixels) return false;
-  // Tests and benchmarks may ask for one (the rows one always works).
-  if (const char* env = std::getenv("LIP_CUDA_CPU_PLANES")) {
-    const std::string value(env);
-    if (value == "rows") return false;
-    if (value == "blocks") return true;
-  }
+  // the rows kernel always works
+  const std::string forced = forced_planes_kernel();
+  if (forced == "rows") return false;
+  if (forced == "blocks") return true;
   const auto fill = [](int64_t n) {
     return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
   };
@@ -1952,8 +1957,7 @@ CpuKernel cpu_kernel_for(const CallGeometry& cg) {
 CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, GatherColumns& gc) {
   const CpuKernel kernel = cpu_kernel_for(cg);
   if (kernel == CpuKernel::ChannelsLast) return kernel;
-  const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
-  const std::string planes = env ? env : "";
+  const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
   if (planes != "gather" && !(kernel == CpuKernel::PlanesRows && gather_by_default(cg.g))) return kernel;
   gc = gather_columns(cg.g);

@@ -19,19 +19,18 @@ def _int_value(item, name: str, value) -> int:
     numpy integer) within int64; SymInts pass through for tracing."""
     if isinstance(item, torch.SymInt):
         return item  # type: ignore[return-value]
-    if isinstance(item, bool) or isinstance(item, torch.Tensor) or not hasattr(item, "__index__"):
+    number = None
+    if not isinstance(item, (bool, torch.Tensor)):
+        try:
+            number = operator.index(item)
+        except TypeError:  # no __index__, or a numpy array's, which takes one element only
+            pass
+    if number is None:
         kind = "a tensor" if isinstance(item, torch.Tensor) else f"{type(item).__name__} {item!r}"
         raise TypeError(
             f"lip2d: expected {name} to be an int or a pair of ints, but got {kind}"
             + (f" in {value!r}" if item is not value else "")
         )
-    try:
-        number = operator.index(item)
-    except TypeError:  # e.g. a numpy array, whose __index__ takes only one element
-        raise TypeError(
-            f"lip2d: expected {name} to be an int or a pair of ints, but got "
-            f"{type(item).__name__} {item!r}" + (f" in {value!r}" if item is not value else "")
-        ) from None
     if not _INT64_MIN <= number <= _INT64_MAX:
         raise ValueError(
             f"lip2d: expected {name} to hold values that fit in a 64-bit integer, but got {number}"
