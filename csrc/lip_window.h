@@ -161,7 +161,13 @@ struct WindowStep {
   static LIP_HOST_DEVICE void add_tap(V logit, V x, V m, V& weight_sum, V& weighted_sum) {
     const V e = Math::exp_nonpositive(logit - m);
     weight_sum += e;
-    weighted_sum += Math::zero_where_zero(e, e * (x * Math::splat(kSumScale)));
+    weighted_sum += weighted_term(e, x);
+  }
+
+  // One tap's term of the weighted sum, e x kSumScale: exactly 0 where the
+  // weight is (a masked tap, whatever its x, even inf or NaN).
+  static LIP_HOST_DEVICE V weighted_term(V e, V x) {
+    return Math::zero_where_zero(e, e * (x * Math::splat(kSumScale)));
   }
 
   // y = weighted / S, and 1 / S for backward; both 0 for a fully masked window.
@@ -200,7 +206,7 @@ struct WindowStep {
 
   static LIP_HOST_DEVICE void tile_weight(V logit, V x, V tile_max, V& e, V& ex) {
     e = Math::exp_nonpositive(logit - tile_max);
-    ex = Math::zero_where_zero(e, e * (x * Math::splat(kSumScale)));
+    ex = weighted_term(e, x);
   }
 
   static LIP_HOST_DEVICE void add_weight(V e, V ex, V& weight_sum, V& weighted_sum) {
