@@ -43,6 +43,9 @@ at::ScalarType stats_dtype(at::ScalarType x_dtype) {
 
 bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// The dtypes the kernels take (at::isFloatingType also admits the float8 types).
+bool is_kernel_dtype(at::ScalarType t) { return is_half_type(t) || t == at::kFloat || t == at::kDouble; }
+
 // The dtype the kernels read the logit in: its own when a kernel exists for
 // (x, logit), else float32 for half x (exact for half logits) and x's dtype
 // otherwise. The output and grad_x always have x's dtype, grad_logit the
@@ -62,10 +65,10 @@ LipGeometry check_inputs(const Tensor& x, const Tensor& logit, IntArrayRef kerne
               "lip2d: expected logit to have the same shape as x, ", x.sizes(),
               ", or size 1 in N and/or C (shared across the batch or the channels), but got "
               "shape ", logit.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+  TORCH_CHECK(is_kernel_dtype(x.scalar_type()),
               "lip2d: expected x to have a floating-point dtype (float16, bfloat16, float32 or "
               "float64), but got ", x.scalar_type());
-  TORCH_CHECK(at::isFloatingType(logit.scalar_type()),
+  TORCH_CHECK(is_kernel_dtype(logit.scalar_type()),
               "lip2d: expected logit to have a floating-point dtype (float16, bfloat16, float32 "
               "or float64), but got ", logit.scalar_type());
   TORCH_CHECK(logit.device() == x.device(), "lip2d: expected logit on the same device as x, but x is on ",

@@ -48,6 +48,20 @@ void save_pool_args(AutogradContext* ctx, IntArrayRef kernel_size, IntArrayRef s
   ctx->saved_data["ceil_mode"] = ceil_mode;
 }
 
+// Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has
+// no formula here: without this check the tangents of x and the logit were
+// dropped and the output's came out as zeros, a silently wrong answer.
+// Level 0 is the one forward AD level that tensors carry outside functorch,
+// and functorch's jvp runs on it too.
+void check_no_forward_ad(std::initializer_list<const Tensor*> inputs) {
+  for (const Tensor* t : inputs) {
+    TORCH_CHECK(!t->defined() || !t->_fw_grad(/*level=*/0).defined(),
+                "lip_cuda: forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
+                "torch.autograd.forward_ad) of lip2d is not supported; use reverse mode "
+                "(torch.autograd.grad or backward())");
+  }
+}
+
 class Lip2dForward : public torch::autograd::Function<Lip2dForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& logit,
@@ -110,6 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> lip2d_forward_autograd(const Tensor& x, const
                                                           IntArrayRef kernel_size,
                                                           IntArrayRef stride, IntArrayRef padding,
                                                           bool ceil_mode) {
+  check_no_forward_ad({&x, &logit});
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || logit.requires_grad())) {
     // nothing to differentiate (inference): skip the autograd node, its
     // context and saved arguments, a few microseconds a call
@@ -126,6 +141,7 @@ std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const
                                                    const Tensor& inv_weight_sum,
                                                    IntArrayRef kernel_size, IntArrayRef stride,
                                                    IntArrayRef padding, bool ceil_mode) {
+  check_no_forward_ad({&grad_out, &x, &logit, &out, &window_max, &inv_weight_sum});
   // as in the forward; this is the case of lip2d's own backward pass, which
   // runs with grad mode off unless create_graph=True
   if (!at::GradMode::is_enabled() ||

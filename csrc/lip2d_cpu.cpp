@@ -42,7 +42,9 @@
 // per-ISA namespace for the same reason.
 //
 // float64 runs the generic CUDA kernels' own per-thread code through the CPU
-// emulation (lip2d_emulate.cpp), so every float64 test checks that code.
+// emulation (lip2d_emulate.cpp), so every float64 test checks that code; so
+// do the geometries whose scratch the SIMD kernels cannot bound
+// (simd_kernels_take: windows spanning most of a large plane, huge strides).
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
@@ -2136,10 +2138,28 @@ bool stream_outputs(std::initializer_list<const at::Tensor*> inputs,
   return bytes > last_level_cache_bytes();
 }
 
+// Whether the SIMD kernels take a geometry. Their scratch per thread grows
+// with the rows one window spans times the row width (the weight rings of
+// the tile form, 16 lanes wide in channels_last), with the stride (the
+// rows layout's phases) and with sH x sW (its backward's phase planes): a
+// global window over a 2048 x 2048 plane took gigabytes, and a stride of
+// 2^24 failed to allocate. Past these bounds (windows as wide as a large
+// plane, strides in the hundreds) the per-output code of the generic CUDA
+// kernels runs instead, which keeps no scratch: the same results to
+// rounding, in both layouts alike. Every LIP-ResNet layer is far inside.
+bool simd_kernels_take(const LipGeometry& g) {
+  constexpr int64_t kMaxRingPixels = int64_t(1) << 19;  // 64 MiB of float32 rings, 16 lanes x 2
+  constexpr int64_t kMaxPhases = 4096;
+  const int64_t ring_pixels =
+      std::min(g.kH, g.H) * std::max(g.W, std::min<int64_t>(g.sW, kMaxRingPixels) * 32);
+  return ring_pixels <= kMaxRingPixels && g.sH <= kMaxPhases && g.sW <= kMaxPhases &&
+         g.sH * g.sW <= kMaxPhases;
+}
+
 }  // namespace
 
 const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
-  if (t.x.scalar_type() == at::kDouble) {
+  if (t.x.scalar_type() == at::kDouble || !simd_kernels_take(cg.g)) {
     return lip2d_forward_emulated(t, cg, "generic", false);
   }
   const int isa = isa_to_run();
@@ -2163,7 +2183,7 @@ const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
 }
 
 const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg) {
-  if (t.x.scalar_type() == at::kDouble) {
+  if (t.x.scalar_type() == at::kDouble || !simd_kernels_take(cg.g)) {
     return lip2d_backward_emulated(t, cg, "generic", false);
   }
   const int isa = isa_to_run();

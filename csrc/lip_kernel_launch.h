@@ -100,10 +100,15 @@ constexpr int fast_forward_vector_width() {
   return fast_vector_width<x_t>() < 4 ? fast_vector_width<x_t>() : 4;
 }
 
-// 32-bit offsets when every tensor of the call has fewer than 2^31 elements.
+// 32-bit offsets when every tensor of the call has fewer than 2^31 elements
+// and the window arithmetic of lip_window.h stays below 2^31 too: a window's
+// start o s - p plus k, and covering_outputs' i + p + s, are at most
+// in + 2p + s + k along each dimension (a stride near 2^31 on a small
+// input overflowed them, silently wrong gradients).
 inline bool fits_int32(const LipGeometry& g) {
   const int64_t limit = std::numeric_limits<int32_t>::max();
-  return g.N * g.C * g.H * g.W <= limit && g.N * g.C * g.OH * g.OW <= limit;
+  return g.N * g.C * g.H * g.W <= limit && g.N * g.C * g.OH * g.OW <= limit &&
+         g.H + 2 * g.pH + g.sH + g.kH <= limit && g.W + 2 * g.pW + g.sW + g.kW <= limit;
 }
 
 template <typename x_t, typename l_t, typename acc_t, int V>

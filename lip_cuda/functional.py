@@ -7,11 +7,14 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from ._geometry import IntPair, check_ceil_mode, pool_args
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_tensors(x: torch.Tensor, logit: torch.Tensor) -> None:
     for name, t in (("x", x), ("logit", logit)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lip2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
+        if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(
                 f"lip2d: expected {name} to have a floating-point dtype (float16, bfloat16, "
                 f"float32 or float64), but got {t.dtype}"
@@ -25,6 +28,11 @@ def _check_tensors(x: torch.Tensor, logit: torch.Tensor) -> None:
         raise ValueError(
             f"lip2d: expected x to be a 4-D (N, C, H, W) or 3-D (C, H, W) tensor, but got a "
             f"{x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+    if 0 in x.shape[-3:]:
+        raise ValueError(
+            f"lip2d: expected C, H and W of x to be non-zero (only the batch may be empty), but x "
+            f"has shape {tuple(x.shape)}"
         )
 
 

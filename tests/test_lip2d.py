@@ -181,6 +181,55 @@ def test_channels_last_and_strided_inputs(dtype, device, seed):
                                atol=tol * want.abs().max().item())
 
 
+# Geometries at the edges of what the op takes: strides near 2^31 (the
+# window arithmetic o s - p + k past 32 bits gave wrong gradients), strides
+# far beyond the input (the SIMD kernels' scratch grew with them until it
+# failed to allocate), and a window spanning a whole large plane.
+EXTREME_GEOMETRIES = [
+    ((3, 3), (2**31 - 6, 2**31 - 6), (1, 1), False, (2, 3, 8, 7)),
+    ((1, 2), (2**31 - 6, 3), (0, 1), True, (2, 3, 8, 7)),
+    ((3, 3), (4096, 4096), (1, 1), True, (2, 3, 64, 64)),
+    ((5, 3), (2**24, 2), (2, 1), False, (1, 17, 9, 10)),
+    ((720, 730), (1, 1), (0, 0), False, (1, 2, 720, 730)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EXTREME_GEOMETRIES, ids=lambda c: f"k{c[0]}-s{c[1]}-p{c[2]}")
+def test_extreme_strides_and_windows_match_oracle(case, dtype, layout, device, seed):
+    k, s, p, ceil, shape = case
+    x, logit = make_inputs(shape, dtype, device, layout)
+    out_shape = F.avg_pool2d(torch.empty(1, 1, *shape[2:]), k, s, p, ceil_mode=ceil).shape[2:]
+    grad_out = torch.randn(shape[:2] + out_shape, dtype=torch.float64).to(dtype).to(device)
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), k, s, p, ceil)
+    y, gx, gl = run_fused(x, logit, grad_out, k, s, p, ceil)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    # a window mean of 525600 random values nearly cancels: its rounding
+    # error scales with x, not with the mean
+    x_scale = x.abs().max().item()
+    for got, want, scale in ((y, y_ref, x_scale), (gx, gx_ref, gx_ref.abs().max().item()),
+                             (gl, gl_ref, gl_ref.abs().max().item())):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_windows_over_large_planes_run_without_scratch(layout):
+    """A window spanning most of a large plane, or a stride in the
+    thousands, runs the per-output generic code (no scratch) in both
+    layouts; a LIP-ResNet layer runs the SIMD kernels."""
+    ops = torch.ops.lip_cuda
+    for shape, k, s, p, simd in (((1, 2, 720, 730), (720, 730), 1, 0, False),
+                                 ((1, 2, 64, 64), 3, 4096, 1, False),
+                                 ((1, 2, 600, 600), 600, 1, 0, True),
+                                 ((2, 64, 56, 56), 3, 2, 1, True)):
+        x, logit = make_inputs(shape, torch.float32, "cpu", layout)
+        kernel = [k, k] if isinstance(k, int) else list(k)
+        ops.lip2d_forward(x, logit, kernel, [s, s], [p, p], False)
+        assert ops._lip2d_last_kernel().startswith("cpu_") == simd, (shape, k, s, ops._lip2d_last_kernel())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_batch(layout, device):
@@ -479,6 +528,8 @@ def _bad_calls():
          r"x to be a 4-D \(N, C, H, W\) tensor"),
         ("int x", lambda: lip_cuda.lip2d(x.long(), l), TypeError, r"x to have a floating-point dtype"),
         ("int logit", lambda: lip_cuda.lip2d(x, l.int()), TypeError, r"logit to have a floating-point dtype"),
+        ("float8 x", lambda: lip_cuda.lip2d(x.to(torch.float8_e5m2), l), TypeError, r"x to have a floating-point dtype"),
+        ("unbatched no channels", lambda: lip_cuda.lip2d(x[0, :0], l[0, :0]), ValueError, r"has shape \(0, 8, 8\)"),
         ("devices", lambda: lip_cuda.lip2d(x, l.to("meta")), ValueError, r"same device"),
         ("padding", lambda: lip_cuda.lip2d(x, l, 3, 2, 2), RuntimeError, r"padding .* at most half the kernel"),
         ("padding pair", lambda: lip_cuda.lip2d(x, l, (4, 2), 2, (2, 2)), RuntimeError, r"at most half"),
@@ -490,7 +541,7 @@ def _bad_calls():
         ("kernel huge", lambda: lip_cuda.lip2d(x, l, 2**63 - 1, 1, 2**62 - 1), RuntimeError,
          r"kernel_size and stride to be at most 2147483647"),
         ("kernel triple", lambda: lip_cuda.lip2d(x, l, (3, 3, 3)), ValueError, r"kernel_size to be an int or a pair"),
-        ("no channels", lambda: lip_cuda.lip2d(x[:, :0], l[:, :0]), RuntimeError, r"C, H and W of x to be non-zero"),
+        ("no channels", lambda: lip_cuda.lip2d(x[:, :0], l[:, :0]), ValueError, r"C, H and W of x to be non-zero"),
         ("op int logit", lambda: ops.lip2d_forward(x, l.int(), [3, 3], [2, 2], [1, 1], False),
          RuntimeError, r"logit to have a floating-point dtype"),
         ("op list", lambda: ops.lip2d_forward(x, l, [3, 3, 3], [2, 2], [1, 1], False),
@@ -510,6 +561,71 @@ def test_bad_input_raises_clear_error(case):
     _, call, error, message = case
     with pytest.raises(error, match=message):
         call()
+
+
+def _bad_op_calls():
+    """Bad calls of the registered operators: (name, make arguments, message)."""
+    geometry = ([3, 3], [2, 2], [1, 1], False)
+
+    def forward(x_shape=(2, 3, 8, 8), l_shape=None, x_dtype=torch.float32, l_dtype=torch.float32,
+                kernel=(3, 3), stride=(2, 2), padding=(1, 1), l_device="cpu"):
+        return ("forward", (torch.randn(x_shape).to(x_dtype),
+                            torch.randn(l_shape or x_shape).to(l_dtype).to(l_device),
+                            list(kernel), list(stride), list(padding), False))
+
+    def backward(grad_shape=(2, 3, 4, 4), stats_dtype=torch.float32, grad_device="cpu"):
+        x = torch.randn(2, 3, 8, 8)
+        return ("backward", (torch.randn(grad_shape).to(grad_device), x, torch.randn(2, 3, 8, 8),
+                             torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).to(stats_dtype),
+                             torch.rand(2, 3, 4, 4), *geometry))
+
+    return [
+        ("zero kernel", lambda: forward(kernel=(0, 0)), r"kernel_size to be positive"),
+        ("zero stride", lambda: forward(stride=(2, 0)), r"stride to be positive"),
+        ("short list", lambda: forward(kernel=(3,)), r"kernel_size to hold 2 values"),
+        ("big padding", lambda: forward(padding=(2, 1)), r"padding .* at most half the kernel"),
+        ("neg padding", lambda: forward(padding=(-1, 1)), r"padding to be non-negative"),
+        ("no channels", lambda: forward(x_shape=(2, 0, 8, 8)), r"C, H and W of x to be non-zero"),
+        ("int x", lambda: forward(x_dtype=torch.int32), r"x to have a floating-point dtype"),
+        ("float8 logit", lambda: forward(l_dtype=torch.float8_e4m3fn), r"logit to have a floating-point dtype"),
+        ("logit shape", lambda: forward(l_shape=(2, 2, 8, 8)), r"logit to have the same shape as x"),
+        ("logit on meta", lambda: forward(l_device="meta"), r"logit on the same device as x"),
+        ("grad shape", lambda: backward(grad_shape=(2, 3, 4, 5)), r"grad_out of shape \[2, 3, 4, 4\]"),
+        ("stats dtype", lambda: backward(stats_dtype=torch.float64), r"window_max of dtype"),
+        ("grad on meta", lambda: backward(grad_device="meta"), r"grad_out on the same device as x"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_op_calls(), ids=lambda c: c[0])
+def test_fake_kernels_check_arguments_as_the_operator_does(case):
+    """Traced (FakeTensor) and meta calls fail where eager calls fail, with
+    the same message: they neither trace to a result nor allocate garbage.
+    A meta tensor among CPU ones dispatches to the fake kernel."""
+    _, make, message = case
+    which, args = make()
+    op = getattr(torch.ops.lip_cuda, f"lip2d_{which}")
+    on_meta = any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args)
+    if not on_meta:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(RuntimeError, match=message):
+                op(*fake_args)
+    with pytest.raises(RuntimeError, match=message):
+        op(*[a.to("meta") if isinstance(a, torch.Tensor) and not on_meta else a for a in args])
+
+
+def test_forward_mode_ad_raises(seed):
+    """No forward-AD formula: jvp must fail loudly, not return zeros."""
+    x, logit = make_inputs((1, 2, 6, 5), torch.float64, "cpu")
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(lambda v: lip_cuda.lip2d(v, logit), (x,), (torch.randn_like(x),))
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jacfwd(lambda v: lip_cuda.lip2d(v, logit))(logit)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        lip_cuda.lip2d(x, fwAD.make_dual(logit, torch.randn_like(logit)))
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
