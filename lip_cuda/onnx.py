@@ -8,7 +8,9 @@ ONNX Runtime, TensorRT or any other ONNX backend, without lip_cuda.
 
 How the graph computes LIP, stably: per output it takes the max ``m`` of the
 logits in its window (clipped to the input), then sums ``exp(l - m)`` and
-``x * exp(l - m)`` over the window and divides. Every weight is at most 1 and
+``x * exp(l - m)`` over the window and divides (a tap of weight 0 adds
+exactly 0 whatever its x, and the value sum is scaled by 1/16 against
+overflow, as in the kernels). Every weight is at most 1 and
 the largest is exactly 1, so nothing overflows and nothing underflows to
 0/0, for any finite logits in any float dtype: the same result as the fused
 kernels, to rounding. The windows are gathered as ``kH * kW`` strided
@@ -160,15 +162,22 @@ def lip2d_forward_onnx(
     # A window whose logits are all -inf has no weight at all: subtract 0
     # there instead of -inf (-inf - -inf = NaN); its sums stay 0.
     window_max = op.Where(op.IsInf(window_max, detect_positive=0), _scalar_like(0.0, window_max), window_max)
+    # As the kernels (csrc/lip_window.h, WindowStep): a tap of weight 0 adds
+    # exactly 0 whatever its x (a masked inf or NaN x would give NaN), and
+    # the value sum holds x e / 16, so that it does not overflow where the
+    # window mean cannot (x near the dtype's max); a power of two, so it
+    # changes no bit of the result in the normal range.
+    sum_scale = _scalar_like(1.0 / 16.0, xc)
+    zero = _scalar_like(0.0, xc)
     weight_sum, value_sum = None, None
     for xs, ls in zip(x_slices, l_slices):
         e = op.Exp(op.Sub(ls, window_max))
         weight_sum = e if weight_sum is None else op.Add(weight_sum, e)
-        term = op.Mul(xs, e)
+        term = op.Where(op.Equal(e, zero), zero, op.Mul(e, op.Mul(xs, sum_scale)))
         value_sum = term if value_sum is None else op.Add(value_sum, term)
-    zero = _scalar_like(0.0, weight_sum)
-    inv_weight_sum = op.Where(op.Greater(weight_sum, zero), op.Reciprocal(weight_sum), zero)
-    out = op.Mul(value_sum, inv_weight_sum)
+    has_weight = op.Greater(weight_sum, zero)
+    out = op.Where(has_weight, op.Div(value_sum, weight_sum), zero)
+    out = op.Mul(out, _scalar_like(16.0, xc))
     if x.dtype != compute:
         out = op.Cast(out, to=x.dtype)
     return (out, *_auxiliary_outputs(window_max, weight_sum, out, aux_dtype))

@@ -120,6 +120,23 @@ def test_large_logits_stay_finite(seed) -> None:
     torch.testing.assert_close(y.double(), float64_oracle(x, logit, 3, 2, 1, True), rtol=1e-5, atol=1e-6)
 
 
+def test_masked_positions_and_huge_x_as_the_kernels(seed) -> None:
+    """A -inf logit removes its position whatever its x (inf, NaN), and x
+    near float32's max gives a finite mean: the graph agrees with lip2d."""
+    x = torch.randn(2, 4, 11, 10)
+    logit = 4 * torch.rand(2, 4, 11, 10)
+    masked = torch.rand(2, 4, 11, 10) < 0.3
+    logit[masked] = -float("inf")
+    x[masked & (torch.rand(2, 4, 11, 10) < 0.5)] = float("inf")
+    x[masked & (torch.rand(2, 4, 11, 10) < 0.3)] = float("nan")
+    x[:, 2:] = torch.where(masked[:, 2:], x[:, 2:], 3e38 * torch.rand(2, 2, 11, 10).add(0.5).clamp(max=1.1))
+    program = lip_onnx.export(Pool(3, 2, 1, False).eval(), (x, logit))
+    (y,) = run_onnx(program.model_proto, x, logit)
+    want = lip_cuda.lip2d(x, logit, 3, 2, 1, False)
+    assert torch.isfinite(want).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
 def test_auxiliary_outputs_match_the_operator(seed) -> None:
     x, logit = torch.randn(1, 3, 9, 10), 30 * torch.randn(1, 3, 9, 10)
     program = lip_onnx.export(RawOp().eval(), (x, logit))
