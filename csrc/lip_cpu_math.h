@@ -170,6 +170,9 @@ struct LaneMath {
   static Lanes select_below(Lanes a, Lanes bound, Lanes if_below, Lanes otherwise) {
     return select(a < bound, if_below, otherwise);
   }
+  static Lanes select_small(Lanes a, Lanes bound, Lanes if_zero, Lanes if_tiny, Lanes otherwise) {
+    return select((a < bound) & (-a < bound), select(a == splat(0.0f), if_zero, if_tiny), otherwise);
+  }
 };
 
 }  // namespace cpu_math

@@ -18,7 +18,13 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LIP_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define LIP_HOST_DEVICE inline
+// Inlined by force on the host too, as __forceinline__ does on the device:
+// the CPU kernels call these from per-ISA code (#pragma GCC target) while
+// they are compiled for the baseline ISA, and GCC, left to choose, kept
+// WindowStep::fallback_key out of line there (its SIMD calls cannot be
+// inlined into baseline code), which took the float32 channels_last
+// forward 1.2-1.3x as long.
+#define LIP_HOST_DEVICE __attribute__((always_inline)) inline
 #endif
 
 // Fully unrolled loops over compile-time trip counts (window taps, lanes).
@@ -117,6 +123,10 @@ struct ScalarMath {
   static LIP_HOST_DEVICE T reciprocal_or_zero(T s) { return s == T(0) ? T(0) : T(1) / s; }
   static LIP_HOST_DEVICE T quotient_or_zero(T a, T s) { return s == T(0) ? T(0) : a / s; }
   static LIP_HOST_DEVICE bool any_below(T a, T bound) { return a < bound; }
+  // |a| < bound ? (a == 0 ? if_zero : if_tiny) : otherwise
+  static LIP_HOST_DEVICE T select_small(T a, T bound, T if_zero, T if_tiny, T otherwise) {
+    return a < bound && -a < bound ? (a == T(0) ? if_zero : if_tiny) : otherwise;
+  }
   // a < bound ? if_below : otherwise
   static LIP_HOST_DEVICE T select_below(T a, T bound, T if_below, T otherwise) {
     return a < bound ? if_below : otherwise;
@@ -134,9 +144,24 @@ constexpr float kTileMinWeightSum = 2.0611537e-9f;
 // the mean it divides into cannot; scaled, windows of up to 16 taps (4 x 4)
 // stay finite for any finite x, larger ones up to max * 16 / taps. The
 // products leave the normal range 4 binades earlier instead (|e x| below
-// about 2e-37 in float), where they lost precision already; float16 x,
-// summed in float, gets near neither.
+// about 2e-37 in float); float16 x, summed in float, gets near neither.
 constexpr float kSumScale = 1.0f / 16.0f;
+
+// A weighted sum below this (2^-100) in magnitude may hold subnormal,
+// rounded terms (a term loses precision below 2^-126, and 25 of them add at
+// most 25 half-ulps of 2^-149). In the tile form, weights relative to a max
+// far above the window's (down to kTileMinWeightSum) times an x below about
+// 1e-28 cost y up to all its digits that way (x = 1e-35 came out 32% off,
+// 1e-37 as 0); such windows are recomputed relative to their own max
+// (WindowStep::fallback_key).
+constexpr float kMinPreciseWeighted = 7.8886091e-31f;
+
+// A weighted sum of exactly 0 is exact where x is 0 throughout the window
+// (common after a ReLU), so it falls back only where the weight sum is
+// below this (2^-20): there all its terms may have rounded to 0 from an x
+// of up to 9 * 2^-146 / 2^-20, about 1e-37 (less than 10 times the
+// smallest normal float), so the tile's 0 is never further off than that.
+constexpr float kZeroWeightedMaxSum = 9.5367432e-7f;
 
 // ---- the stable window step, written once --------------------------------
 //
@@ -214,19 +239,34 @@ struct WindowStep {
     weighted_sum += ex;
   }
 
-  // Whether some window (lane) of weight_sum needs its own max.
-  static LIP_HOST_DEVICE bool needs_window_max(V weight_sum) {
-    return Math::any_below(weight_sum, Math::splat(kTileMinWeightSum));
+  // A tile-form window's fallback key: below kTileMinWeightSum where the
+  // window needs its own max. That is its weight sum, or 0 where its
+  // weighted sum may have lost digits to subnormal terms and its own max
+  // would give it larger weights: nonzero but below kMinPreciseWeighted
+  // with a weight sum below 1 (its max below the tile's), or exactly 0 with
+  // a weight sum below kZeroWeightedMaxSum.
+  static LIP_HOST_DEVICE V fallback_key(V weight_sum, V weighted_sum) {
+    const V zero = Math::splat(0.0f);
+    return Math::select_small(
+        weighted_sum, Math::splat(kMinPreciseWeighted),
+        Math::select_below(weight_sum, Math::splat(kZeroWeightedMaxSum), zero, weight_sum),
+        Math::select_below(weight_sum, Math::splat(1.0f), zero, weight_sum), weight_sum);
+  }
+
+  // Whether some window (lane) of fallback keys needs its own max.
+  static LIP_HOST_DEVICE bool needs_window_max(V key) {
+    return Math::any_below(key, Math::splat(kTileMinWeightSum));
   }
 
   // Takes the window-max results (y_w, m_w, inv_w, from max_tap / add_tap /
-  // finish) for the windows that need them; the others keep the tile's.
-  static LIP_HOST_DEVICE void use_window_max(V weight_sum, V y_w, V m_w, V inv_w, V& y, V& reference,
+  // finish) for the windows whose fallback key asks; the others keep the
+  // tile's.
+  static LIP_HOST_DEVICE void use_window_max(V key, V y_w, V m_w, V inv_w, V& y, V& reference,
                                              V& inv_weight_sum) {
     const V bound = Math::splat(kTileMinWeightSum);
-    y = Math::select_below(weight_sum, bound, y_w, y);
-    reference = Math::select_below(weight_sum, bound, m_w, reference);
-    inv_weight_sum = Math::select_below(weight_sum, bound, inv_w, inv_weight_sum);
+    y = Math::select_below(key, bound, y_w, y);
+    reference = Math::select_below(key, bound, m_w, reference);
+    inv_weight_sum = Math::select_below(key, bound, inv_w, inv_weight_sum);
   }
 };
 
