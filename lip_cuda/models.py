@@ -207,8 +207,9 @@ class LIPResNet(nn.Module):
             logit modules keep their InstanceNorms.
 
     Shape:
-        ``(N, 3, H, W)`` -> ``(N, num_classes)``. ``H, W >= 64`` in training
-        (InstanceNorm in the last stage needs more than one position).
+        ``(N, 3, H, W)`` -> ``(N, num_classes)``. ``H, W >= 17`` in training
+        and in eval (the logit modules' InstanceNorms at stride 16 need more
+        than one position).
 
     Example::
 

@@ -112,8 +112,9 @@ class LIPDenseNet(nn.Module):
     ``classifier``.
 
     Shape:
-        ``(N, 3, H, W)`` -> ``(N, num_classes)``. ``H, W >= 32`` in training
-        (InstanceNorm in the last transition needs more than one position).
+        ``(N, 3, H, W)`` -> ``(N, num_classes)``. ``H, W >= 29`` (DenseNet-121's
+        layout) in training and in eval (InstanceNorm in the last transition
+        needs more than one position).
 
     Example::
 

@@ -102,6 +102,25 @@ def test_single_process_loss_falls_and_resume_is_exact(tmp_path: Path, seed: int
     assert [r["epoch"] for r in _metrics(part_dir / "metrics.jsonl") if r["type"] == "epoch"] == [1, 2]
 
 
+def test_resume_with_another_global_batch_continues_the_schedule(tmp_path: Path, seed: int) -> None:
+    """The schedule is one of epochs: resumed at another global batch, it
+    continues from the epochs done at this run's steps per epoch and peak lr
+    (a larger batch used to read the old step count as more epochs and end
+    the cosine run early, at lr 0)."""
+    base = ["--synthetic", "16", "--image-size", "16", "--epochs", "3", "--lr", "0.4", "--lr-base-batch", "4",
+            "--print-freq", "100", "--seed", str(seed), *SMOKE]
+    fresh = main(base + ["--batch-size", "4", "--output", str(tmp_path / "fresh")])
+    part = tmp_path / "part"
+    main(base + ["--batch-size", "2", "--output", str(part)], _stop_after_epoch=2)
+    resumed = main(base + ["--batch-size", "4", "--output", str(part), "--resume", str(part / "checkpoint.pth")])
+    assert [h["epoch"] for h in resumed["history"]] == [3]
+    want = fresh["history"][2]["lr"]
+    assert want > 1e-3  # the cosine run's last step, not its end (0)
+    assert resumed["history"][0]["lr"] == pytest.approx(want, rel=1e-9)
+    ck = _load(part / "checkpoint.pth")
+    assert ck["scheduler"]["last_epoch"] == 3 * 4 and ck["scheduler"]["base_lrs"][0] == pytest.approx(0.4)
+
+
 def test_torchrun_two_processes_gloo(tmp_path: Path, seed: int) -> None:
     n, batch, epochs, lr = 32, 8, 2, 0.8
     out, dump = tmp_path / "out", tmp_path / "dump"
@@ -313,6 +332,7 @@ def _smoke_checkpoint(path: Path) -> None:
     "missing_data", "no_class_folders", "empty_class", "no_val", "unknown_arch", "batch_too_big",
     "global_batch_not_dividing", "resume_other_arch", "weights_other_arch", "missing_weights",
     "evaluate_without_weights", "output_has_checkpoint", "weights_other_classes",
+    "image_too_small", "output_is_a_file", "output_not_creatable", "negative_gamma", "momentum_one", "zero_milestone",
 ])
 def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
     out = tmp_path / "out"
@@ -336,6 +356,10 @@ def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
     if case == "output_has_checkpoint":
         out.mkdir()
         (out / "checkpoint.pth").write_bytes(b"old run")
+    if case == "output_is_a_file":
+        (tmp_path / "file").write_bytes(b"not a folder")
+    if case == "output_not_creatable":
+        (tmp_path / "file2").write_bytes(b"not a folder")
     argv, message = {
         "missing_data": (["--data", str(tmp_path / "nope")], "no such directory"),
         "no_class_folders": (["--data", str(tmp_path / "d")], "'train' has no class folders"),
@@ -352,6 +376,13 @@ def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
         "missing_weights": (syn + ["--weights", str(tmp_path / "none.pth")], "none.pth: no such file"),
         "evaluate_without_weights": (syn + ["--evaluate"], "--evaluate needs --weights"),
         "output_has_checkpoint": (syn, "already holds checkpoint.pth"),
+        "image_too_small": (["--synthetic", "16", "--image-size", "4", *SMOKE, "--output", str(out)],
+                            "--image-size 4 is too small for --arch lip_smoke: it takes 5 and up"),
+        "output_is_a_file": (syn[:-1] + [str(tmp_path / "file")], "exists and is not a directory"),
+        "output_not_creatable": (syn[:-1] + [str(tmp_path / "file2" / "run")], "cannot be created"),
+        "negative_gamma": (syn + ["--schedule", "step", "--lr-gamma", "-1"], "--lr-gamma must be > 0"),
+        "momentum_one": (syn + ["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
+        "zero_milestone": (syn + ["--schedule", "step", "--lr-steps", "0", "2"], "--lr-steps must be epochs >= 1"),
         "weights_other_classes": (["--synthetic", "16", "--image-size", "32", "--arch", "lip_smoke", "--num-classes", "4",
                                    "--batch-size", "8", "--weights", str(ck), "--output", str(out)],
                                   r"fc.weight \(10, 64\) vs \(4, 64\) \(the checkpoint has 10 classes, this run 4\)"),

@@ -35,6 +35,10 @@ class Arch:
     build: Callable[[int], nn.Module]
     has_lip: bool
     description: str
+    #: smallest square --image-size the network takes: its logit modules'
+    #: InstanceNorms need more than one position at their deepest stride
+    #: (measured in train and eval mode; every larger size works)
+    min_image_size: int = 1
 
 
 class SmokeLIPResNet(LIPResNet):
@@ -46,7 +50,7 @@ class SmokeLIPResNet(LIPResNet):
     full LIP-ResNets at about 16k parameters.
 
     Shape:
-        ``(N, 3, H, W)`` -> ``(N, num_classes)``; ``H, W >= 16``.
+        ``(N, 3, H, W)`` -> ``(N, num_classes)``; ``H, W >= 5``.
 
     Example::
 
@@ -92,9 +96,10 @@ def available_archs() -> Dict[str, Arch]:
     for name in LIP_ARCH_NAMES:
         fn = getattr(models, name, None)
         if callable(fn):
-            archs[name] = Arch(name, lambda n, fn=fn: fn(num_classes=n), True, f"lip_cuda.models.{name}")
+            min_size = 29 if "densenet" in name else 17
+            archs[name] = Arch(name, lambda n, fn=fn: fn(num_classes=n), True, f"lip_cuda.models.{name}", min_size)
     archs["resnet50"] = Arch("resnet50", _torchvision_resnet50, False, "torchvision ResNet-50 (max-pool / strided conv)")
-    archs["lip_smoke"] = Arch("lip_smoke", lambda n: SmokeLIPResNet(n), True, "tiny LIP-ResNet for smoke tests")
+    archs["lip_smoke"] = Arch("lip_smoke", lambda n: SmokeLIPResNet(n), True, "tiny LIP-ResNet for smoke tests", 5)
     return archs
 
 

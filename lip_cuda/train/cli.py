@@ -131,8 +131,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise TrainConfigError("give --weights (start of a new run) or --resume (continue a run), not both")
     if not args.evaluate and args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
         raise TrainConfigError(f"--warmup-epochs {args.warmup_epochs} must be less than --epochs {args.epochs}")
-    if args.warmup_epochs < 0 or not 0 <= args.label_smoothing < 1 or args.weight_decay < 0 or args.momentum < 0:
-        raise TrainConfigError("--warmup-epochs, --weight-decay, --momentum must be >= 0 and --label-smoothing in [0, 1)")
+    if args.warmup_epochs < 0 or not 0 <= args.label_smoothing < 1 or args.weight_decay < 0:
+        raise TrainConfigError("--warmup-epochs, --weight-decay must be >= 0 and --label-smoothing in [0, 1)")
+    if not 0 <= args.momentum < 1:
+        raise TrainConfigError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not args.lr_gamma > 0:
+        raise TrainConfigError(f"--lr-gamma must be > 0, got {args.lr_gamma}")
+    if any(m < 1 for m in args.lr_steps):
+        raise TrainConfigError(f"--lr-steps must be epochs >= 1, got {args.lr_steps}")
     if args.nesterov and args.momentum == 0:
         raise TrainConfigError("--nesterov needs --momentum > 0")
     if args.schedule == "step" and sorted(args.lr_steps) != list(args.lr_steps):

@@ -118,7 +118,18 @@ def main(argv: Optional[Sequence[str]] = None, *, _stop_after_epoch: Optional[in
     weights_ckpt = load_checkpoint(args.weights, "--weights", args.trust_checkpoint) if args.weights else None
     if weights_ckpt is not None:
         check_arch(weights_ckpt, args.arch, args.weights, "--weights")
+    if not args.evaluate and args.image_size < arch.min_image_size:
+        raise TrainConfigError(
+            f"--image-size {args.image_size} is too small for --arch {args.arch}: it takes {arch.min_image_size} "
+            f"and up (its logit modules' InstanceNorms need more than one position)"
+        )
     output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not output.is_dir():
+        raise TrainConfigError(f"--output {output} exists and is not a directory")
+    if output is not None and not output.exists():
+        parent = next((p for p in output.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise TrainConfigError(f"--output {output} cannot be created: {parent} is not a writable directory")
     if output is not None and not args.evaluate and not args.resume and (output / "checkpoint.pth").exists():
         raise TrainConfigError(
             f"--output {output} already holds checkpoint.pth from an earlier run: pass --resume "
@@ -186,11 +197,28 @@ def _run(args, arch, rank, world, device, distributed, resume_ckpt, weights_ckpt
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     start_epoch, best, best_epoch = 0, -1.0, -1
     if resume_ckpt is not None:
-        if resume_ckpt.get("world_size", world) * resume_ckpt.get("batch_size", args.batch_size) != global_batch:
-            log.print(f"warning: the checkpoint was trained with global batch "
-                      f"{resume_ckpt['world_size'] * resume_ckpt['batch_size']}, this run uses {global_batch}")
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
+        done = int(resume_ckpt["epoch"]) * steps
+        if scheduler.last_epoch != done or any(b != lr for b in scheduler.base_lrs):
+            # Another global batch (or data set size) than the checkpoint's:
+            # its step count and peak lr mean other epochs and another lr
+            # here. The schedule is one of epochs, so continue it from the
+            # epochs done at this run's steps per epoch and peak lr (the
+            # optimizer's momentum is kept).
+            log.print(f"the checkpoint was trained with global batch "
+                      f"{resume_ckpt.get('world_size', '?')} x {resume_ckpt.get('batch_size', '?')} "
+                      f"({scheduler.last_epoch} steps, peak lr {scheduler.base_lrs[0]:.4g}); this run uses "
+                      f"{global_batch}: the schedule continues at epoch {resume_ckpt['epoch']} with "
+                      f"{steps} steps/epoch and peak lr {lr:.4g}")
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+            scheduler.last_epoch = done
+            factor = lr_factor(done, steps, args.epochs, args.warmup_epochs, args.schedule, args.lr_steps,
+                               args.lr_gamma)
+            for group in optimizer.param_groups:
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if scaler is not None and resume_ckpt.get("scaler"):
             scaler.load_state_dict(resume_ckpt["scaler"])
         start_epoch = int(resume_ckpt["epoch"])
