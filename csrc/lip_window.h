@@ -210,12 +210,20 @@ struct WindowStep {
 
   // grad_tap with its weight e = exp(l_i - m_o) given: a kernel that sees
   // several covering outputs share a reference computes e once for them.
+  //
+  // g p (x - y) is formed as (2 g p) ((x / 2) - (y / 2)): scalings by powers
+  // of two, so in the normal range the same bits as g p (x - y), but the
+  // difference of an x and a y of opposite signs near the type's max no
+  // longer overflows (it gave -inf for a finite gradient, and NaN where
+  // g = 0). A term whose g p is 0 (a masked tap, or no gradient from that
+  // output) adds exactly 0, whatever x is (inf, NaN).
   static LIP_HOST_DEVICE void grad_weight_tap(V e, V x, V grad_out, V y, V inv_weight_sum, V& dx,
                                               V& dl) {
     const V p = e * inv_weight_sum;
     const V gp = grad_out * p;
     dx += gp;
-    dl += Math::zero_where_zero(p, gp * (x - y));
+    const V half = Math::splat(0.5f);
+    dl += Math::zero_where_zero(gp, (gp + gp) * (x * half - y * half));
   }
 
   // ---- the tile form: one exp per input (docs/kernels.md) ----------------

@@ -423,6 +423,38 @@ def test_x_near_the_dtype_max_stays_finite(case, dtype, scale, layout, device, s
         torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,scale", [
+    (torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1e308),
+], ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", [GEOMETRIES[-6], GEOMETRIES[-2]], ids=geometry_id)
+def test_logit_gradient_finite_for_x_of_both_signs_near_the_max(case, dtype, scale, layout, device, seed):
+    """x - y of opposite signs near the type's max overflowed in the logit
+    gradient (-inf for a finite gradient, NaN where grad_out is 0)."""
+    k, s, p, ceil, h, w = case
+    shape = (2, 21, h, w)
+    sign = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0).double()
+    x = (scale * sign * (0.5 + 0.5 * torch.rand(shape, dtype=torch.float64))).to(dtype)
+    logit = (torch.rand(shape, dtype=torch.float64) * 4).to(dtype)
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    oh, ow = F.avg_pool2d(torch.empty(1, 1, h, w), k, s, p, ceil_mode=ceil).shape[-2:]
+    grad_out = torch.rand(2, 21, oh, ow, dtype=torch.float64) - 0.5
+    grad_out[torch.rand(grad_out.shape) < 0.3] = 0.0
+    grad_out = grad_out.to(dtype)
+    y, gx, gl = run_fused(x.to(device), logit.to(device), grad_out.to(device), k, s, p, ceil)
+    _, gx_ref, gl_ref = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
+    assert torch.isfinite(gl).all() and torch.isfinite(gx).all()
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    # the logit gradient uses y as stored: its rounding moves g p (x - y)
+    # by up to |g| |y| eps
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(gx.cpu().double(), gx_ref, rtol=grad_tol, atol=grad_tol * gx_ref.abs().max().item())
+    gl_atol = grad_tol * gl_ref.abs().max().item() + 2 * eps * 0.5 * scale
+    torch.testing.assert_close(gl.cpu().double(), gl_ref, rtol=grad_tol, atol=gl_atol)
+
+
 def x_format(x):
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
