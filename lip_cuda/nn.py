@@ -69,14 +69,18 @@ def _gated_head(
 
 
 def _bottleneck_trunk(channels: int, width: int) -> list[tuple[str, nn.Module]]:
-    """``conv1x1 -> IN -> ReLU -> conv3x3 -> IN -> ReLU`` with ``width`` channels."""
+    """``conv1x1 -> IN -> ReLU -> conv3x3 -> IN -> ReLU`` with ``width`` channels.
+
+    The ReLUs are not in place: after InstanceNorm, an in-place ReLU made
+    torch.compile fail when it recompiled for a new input size ("cannot
+    determine truth value of Relational", torch 2.14 Inductor)."""
     return [
         ("conv1", nn.Conv2d(channels, width, 1, bias=False)),
         ("bn1", nn.InstanceNorm2d(width, affine=True)),
-        ("relu1", nn.ReLU(inplace=True)),
+        ("relu1", nn.ReLU()),
         ("conv2", nn.Conv2d(width, width, 3, padding=1, bias=False)),
         ("bn2", nn.InstanceNorm2d(width, affine=True)),
-        ("relu2", nn.ReLU(inplace=True)),
+        ("relu2", nn.ReLU()),
     ]
 
 

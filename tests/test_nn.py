@@ -296,6 +296,29 @@ def test_bottleneck_lip_fused_matches_reference_with_grads(seed) -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_bottleneck_lip_compiles_across_input_sizes(seed) -> None:
+    """torch.compile recompiling for new sizes (dynamic shapes) must work:
+    an in-place ReLU after the trunk's InstanceNorm made Inductor fail with
+    "cannot determine truth value of Relational" at the second size."""
+    trunk, head = BottleneckShared(16, width=8), BottleneckLIP(16, width=8)
+    _randomize_(trunk)
+    _randomize_(head)
+
+    def block(x):
+        return head(x, trunk(x))
+
+    compiled = torch.compile(block)
+    for hw in ((20, 22), (17, 19), (24, 26)):
+        x = torch.randn(2, 16, *hw, requires_grad=True)
+        y = compiled(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        x_ref = x.detach().requires_grad_()
+        y_ref = block(x_ref)
+        (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
 @requires_cuda
 def test_modules_cuda_match_cpu_reference(seed) -> None:
     trunk = BottleneckShared(16, width=8).double()
