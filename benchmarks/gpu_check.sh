@@ -2,7 +2,7 @@
 # Everything a GPU session needs, in one command:
 #
 #   bash benchmarks/gpu_check.sh OUTDIR              # on a CUDA machine (about 8 minutes at most)
-#   bash benchmarks/gpu_check.sh --quick OUTDIR      # fast variant only, about 4 minutes (see below)
+#   bash benchmarks/gpu_check.sh --quick OUTDIR      # fast variant only, about 4 minutes at most (see below)
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR  # the same steps, tiny, on the CPU (tests the script)
 #
 # --quick is for a second GPU run in a session that has spent most of its
@@ -24,7 +24,10 @@
 #   7. ncu: DRAM bytes and time of each lip2d kernel at the s2b layer (if time is left)
 # OUTDIR gets gpu_check.log (every step's output), results.json (everything
 # measured, with the device) and summary.txt, which is also printed.
-# A tool that is missing or refuses the device is reported, not fatal.
+# A tool that is missing or refuses the device is reported, not fatal. No
+# visible GPU stops the run at once (verdict FAILED); a failed benchmark or
+# training step (not a timeout) fails the verdict too. Killed by TERM, it
+# still writes the summary of the steps done.
 set -uo pipefail
 
 MODE=gpu
@@ -45,7 +48,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$(mktemp -d)
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-470} ))
+# --quick's budget is about 4 minutes, the full run's about 8
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-$([ "$QUICK" = 1 ] && echo 240 || echo 470)} ))
+
+summarize() {
+  "$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE" --variants "${VARIANTS[*]}"
+}
+# Killed from outside (a device tool's own time limit sends TERM): write the
+# summary of the steps done so far into OUTDIR before going.
+on_signal() {
+  trap - TERM INT HUP
+  echo "=== interrupted: summary of the steps done" | tee -a "$LOG"
+  summarize
+  rm -rf "$WORK"
+  exit 1
+}
+trap on_signal TERM INT HUP
 
 # step NAME LIMIT CMD...: runs CMD with a time limit (cut to the deadline),
 # output to $WORK/NAME.log and the combined log; records "NAME rc seconds".
@@ -62,9 +80,9 @@ step() {
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local start rc
   start=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
-  rc=$?
-  cat "$WORK/$name.log" >> "$LOG"
+  # into the combined log as it runs, so a step cut off keeps its output
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" >> "$LOG"
+  rc=${PIPESTATUS[0]}
   echo "$name $rc $(( $(date +%s) - start ))" >> "$WORK/steps"
   echo "    -> exit $rc after $(( $(date +%s) - start ))s" | tee -a "$LOG"
   return 0
@@ -79,6 +97,18 @@ if torch.cuda.is_available():
 "
 
 if [ "$MODE" = gpu ]; then
+  # no visible GPU (or a CPU-only torch): every later step would fail or
+  # skip, so stop now with a failed verdict instead of spending the session
+  step gpu_visible 60 "$PY" -c "
+import sys, torch
+if not (torch.version.cuda and torch.cuda.is_available()):
+    sys.exit('no CUDA GPU visible to torch %s (torch.version.cuda %s): nothing to check' % (torch.__version__, torch.version.cuda))
+"
+  if [ "$(awk '$1 == "gpu_visible" {print $2}' "$WORK/steps")" != 0 ]; then
+    summarize
+    rm -rf "$WORK"
+    exit 1
+  fi
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   # setup.py finds the toolkit (CUDA_HOME, nvcc on PATH, /usr/local/cuda)
   step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
@@ -149,7 +179,8 @@ if [ "$MODE" = gpu ] && [ "$QUICK" = 0 ] && command -v ncu > /dev/null; then
     "$PY" benchmarks/gpu_workload.py --ncu
 fi
 
-"$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE" --variants "${VARIANTS[*]}"
+trap - TERM INT HUP
+summarize
 rc=$?
 rm -rf "$WORK"
 exit $rc

@@ -179,7 +179,11 @@ def main() -> int:
     for name, step in steps.items():
         if step["exit"] not in (0, None) and not name.startswith(("sanitizer_", "ncu")):
             lines.append(f"  step {name}: exit {step['exit']}{' (timed out)' if step['timed_out'] else ''}")
-            if name in ("build", "import") or name.startswith("tests_"):
+            if name in ("gpu_visible", "build", "import") or name.startswith("tests_"):
+                failed = True
+            # a benchmark or training step that failed (not one cut by its
+            # time limit) left no numbers: the run is not ok
+            if name.startswith(("bench_", "train_", "workload")) and not step["timed_out"]:
                 failed = True
     if steps.get("build", {}).get("exit") not in (0, None):
         lines.append("  BUILD FAILED: see gpu_check.log")

@@ -400,6 +400,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write a PNG (needs matplotlib)")
     args = p.parse_args(argv)
     doc = json.loads(args.json.read_text())
+    if "results" not in doc and isinstance(doc.get("bench"), dict):
+        # gpu_check.sh's results.json: its kernel benchmark runs, by variant
+        runs = {name: run for name, run in doc["bench"].items() if isinstance(run, dict) and "results" in run}
+        if not runs:
+            print(f"{args.json}: a gpu_check results file without kernel benchmark rows", file=sys.stderr)
+            return 1
+        for name, run in runs.items():
+            print(f"== gpu_check benchmark run '{name}'", flush=True)
+            print(report_text(run), flush=True)
+        if args.plot:
+            write_plot(args.plot, runs.get("fast") or next(iter(runs.values())))
+        return 0
+    if "results" not in doc and doc.get("benchmark") != "bench_train":
+        print(f"{args.json}: not a bench_lip.py, bench_train.py or gpu_check.sh results file", file=sys.stderr)
+        return 1
     if doc.get("benchmark") != "bench_train":
         print(report_text(doc), flush=True)
     if args.plot:

@@ -2,9 +2,14 @@
 here at tiny sizes on the CPU so the script itself is tested in CI."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +58,44 @@ def test_gpu_check_cpu_smoke_quick(tmp_path):
     assert rows and all(r["reference_ms"] > 0 and r["fused_fast_ms"] > 0 and "fused_generic_ms" not in r
                         for r in rows)
     assert set(results["train"]) == {"train_bf16_cl_fast", "train_fp32_fast"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
+def test_gpu_check_without_gpu_fails_at_once(tmp_path):
+    """On a machine with no visible GPU the GPU run stops after its first
+    check, with a failed verdict: it used to build, skip every CUDA test,
+    fail every benchmark and still say 'verdict: ok'."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert time.monotonic() - start < 120
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdict"] == "failed" and results["steps"]["gpu_visible"]["exit"] != 0
+    assert "build" not in results["steps"]
+    assert "no CUDA GPU visible" in (tmp_path / "gpu_check.log").read_text()
+    assert (tmp_path / "summary.txt").read_text().rstrip().endswith("verdict: FAILED")
+
+
+def test_gpu_check_killed_still_writes_its_summary(tmp_path):
+    """TERM from outside (a device tool's time limit) still leaves the
+    summary and the log of the steps done in OUTDIR."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = tmp_path / "gpu_check.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "=== tests_" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    assert "interrupted" in log.read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"]["env"]["exit"] == 0 and "import" in results["steps"]
+    assert (tmp_path / "summary.txt").exists()
 
 
 def test_sanitizer_verdicts():
