@@ -51,19 +51,18 @@ LOG="$OUT/gpu_check.log"
 # --quick's budget is about 4 minutes, the full run's about 8
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-$([ "$QUICK" = 1 ] && echo 240 || echo 470)} ))
 
-summarize() {
+# finish [RC]: summary of the steps done into OUTDIR, then exit with RC
+# (default: the summary's verdict)
+finish() {
+  trap - TERM INT HUP
   "$PY" benchmarks/gpu_summary.py "$WORK" "$OUT" --mode "$MODE" --variants "${VARIANTS[*]}"
+  local rc=$?
+  rm -rf "$WORK"
+  exit "${1:-$rc}"
 }
 # Killed from outside (a device tool's own time limit sends TERM): write the
-# summary of the steps done so far into OUTDIR before going.
-on_signal() {
-  trap - TERM INT HUP
-  echo "=== interrupted: summary of the steps done" | tee -a "$LOG"
-  summarize
-  rm -rf "$WORK"
-  exit 1
-}
-trap on_signal TERM INT HUP
+# summary of the steps done so far before going.
+trap 'echo "=== interrupted: summary of the steps done" | tee -a "$LOG"; finish 1' TERM INT HUP
 
 # step NAME LIMIT CMD...: runs CMD with a time limit (cut to the deadline),
 # output to $WORK/NAME.log and the combined log; records "NAME rc seconds".
@@ -104,11 +103,7 @@ import sys, torch
 if not (torch.version.cuda and torch.cuda.is_available()):
     sys.exit('no CUDA GPU visible to torch %s (torch.version.cuda %s): nothing to check' % (torch.__version__, torch.version.cuda))
 "
-  if [ "$(awk '$1 == "gpu_visible" {print $2}' "$WORK/steps")" != 0 ]; then
-    summarize
-    rm -rf "$WORK"
-    exit 1
-  fi
+  [ "$(awk '$1 == "gpu_visible" {print $2}' "$WORK/steps")" = 0 ] || finish 1
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   # setup.py finds the toolkit (CUDA_HOME, nvcc on PATH, /usr/local/cuda)
   step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
@@ -179,8 +174,4 @@ if [ "$MODE" = gpu ] && [ "$QUICK" = 0 ] && command -v ncu > /dev/null; then
     "$PY" benchmarks/gpu_workload.py --ncu
 fi
 
-trap - TERM INT HUP
-summarize
-rc=$?
-rm -rf "$WORK"
-exit $rc
+finish

@@ -474,8 +474,8 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
       // lanes past the channels (zeros) must not ask for the window max
       const bool partial = d.count(b) < kLanes;
       const LaneInts in_use = cpu_math::lanes_between(0, static_cast<int32_t>(d.count(b)));
-      // inlined by force: out of line (GCC's choice once the fallback key
-      // grew) the float32 channels_last forward took 1.2-1.3x as long
+      // inlined by force: with the fallback key GCC kept it out of line in
+      // the baseline and AVX2 builds (the AVX-512 ones inline it anyway)
       const auto finish = [&](int64_t ow, int64_t w0, int64_t w1, Lanes sum,
                               Lanes weighted) __attribute__((always_inline)) {
         Lanes y, inv, reference = tile_max[b];
@@ -2155,8 +2155,8 @@ bool stream_outputs(std::initializer_list<const at::Tensor*> inputs,
 bool simd_kernels_take(const LipGeometry& g) {
   constexpr int64_t kMaxRingPixels = int64_t(1) << 19;  // 64 MiB of float32 rings, 16 lanes x 2
   constexpr int64_t kMaxPhases = 4096;
-  const int64_t ring_pixels =
-      std::min(g.kH, g.H) * std::max(g.W, std::min<int64_t>(g.sW, kMaxRingPixels) * 32);
+  // the rows layout's ring: sW phases of at least 2 x 16 lanes (sW < 2^31, checked)
+  const int64_t ring_pixels = std::min(g.kH, g.H) * std::max(g.W, g.sW * 32);
   return ring_pixels <= kMaxRingPixels && g.sH <= kMaxPhases && g.sW <= kMaxPhases &&
          g.sH * g.sW <= kMaxPhases;
 }

@@ -29,7 +29,8 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes the kernels take, for x and the logit
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_WINDOW = 2**31 - 1  # as csrc/lip2d.cpp bounds kernel_size and stride
 
 
@@ -49,7 +50,7 @@ def _check_inputs(x: torch.Tensor, logit: torch.Tensor, kernel_size: List[int], 
         f"in N and/or C, but got {tuple(logit.shape)}",
     )
     for name, t in (("x", x), ("logit", logit)):
-        torch._check(t.dtype in _KERNEL_DTYPES, lambda: f"lip2d: expected {name} to have a floating-point "
+        torch._check(t.dtype in KERNEL_DTYPES, lambda: f"lip2d: expected {name} to have a floating-point "
                      f"dtype (float16, bfloat16, float32 or float64), but got {t.dtype}")
     torch._check(logit.device == x.device, lambda: f"lip2d: expected logit on the same device as x, but x "
                  f"is on {x.device} and logit on {logit.device}")
@@ -73,6 +74,13 @@ def _check_inputs(x: torch.Tensor, logit: torch.Tensor, kernel_size: List[int], 
     )
 
 
+def _output_shape(x: torch.Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                  ceil_mode: bool) -> Tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return (n, c, pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode),
+            pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode))
+
+
 @torch.library.register_fake("lip_cuda::lip2d_forward")
 def _lip2d_forward_fake(
     x: torch.Tensor,
@@ -83,9 +91,7 @@ def _lip2d_forward_fake(
     ceil_mode: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_inputs(x, logit, kernel_size, stride, padding)
-    n, c, h, w = x.shape
-    oh = pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode)
-    ow = pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode)
+    n, c, oh, ow = _output_shape(x, kernel_size, stride, padding, ceil_mode)
     torch._check(oh > 0 and ow > 0, lambda: "lip2d: the output would be empty")
     fmt = kernel_memory_format(x)
     out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -107,9 +113,7 @@ def _lip2d_backward_fake(
     ceil_mode: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, logit, kernel_size, stride, padding)
-    n, c, h, w = x.shape
-    shape = (n, c, pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode),
-             pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode))
+    shape = _output_shape(x, kernel_size, stride, padding, ceil_mode)
     for name, t, dtype in (("grad_out", grad_out, x.dtype), ("out", out, x.dtype),
                            ("window_max", window_max, _stats_dtype(x.dtype)),
                            ("inv_weight_sum", inv_weight_sum, _stats_dtype(x.dtype))):

@@ -3,18 +3,15 @@ from typing import Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (fake kernels and autograd)
+from . import _ops  # (fake kernels and autograd)
 from ._geometry import IntPair, check_ceil_mode, pool_args
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_tensors(x: torch.Tensor, logit: torch.Tensor) -> None:
     for name, t in (("x", x), ("logit", logit)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lip2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _KERNEL_DTYPES:
+        if t.dtype not in _ops.KERNEL_DTYPES:
             raise TypeError(
                 f"lip2d: expected {name} to have a floating-point dtype (float16, bfloat16, "
                 f"float32 or float64), but got {t.dtype}"
