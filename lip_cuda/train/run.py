@@ -141,7 +141,16 @@ def main(argv: Optional[Sequence[str]] = None, *, _stop_after_epoch: Optional[in
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     try:
-        return _run(args, arch, rank, world, device, distributed, resume_ckpt, weights_ckpt, output, _stop_after_epoch)
+        result = _run(args, arch, rank, world, device, distributed, resume_ckpt, weights_ckpt, output,
+                      _stop_after_epoch)
+        if distributed:
+            # every rank done (rank 0 may still be writing checkpoints) before
+            # any tears gloo down: a rank that destroyed its group while its
+            # peer was still in flight aborted once in CI ("terminate called
+            # without an active exception") after a complete run. Only on
+            # success: a collective after a failure on one rank would hang.
+            dist.barrier()
+        return result
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
