@@ -117,3 +117,48 @@ def test_sanitizer_verdicts():
     assert gpu_summary.sanitizer_verdict("========= ERROR SUMMARY: 1 error\n", step)["verdict"] == "ERRORS"
     assert gpu_summary.sanitizer_verdict("Device not supported\n", step)["verdict"] == "unavailable"
     assert gpu_summary.sanitizer_verdict("", None)["verdict"] == "not run"
+
+
+
+TARGETS = {  # the fast-kernels issue's targets, as gpu_summary.target_lines words them
+    "eager": (">= 3x eager", 3.0), "compile": (">= 1.0x torch.compile", 1.0),
+    "copy": (">= 80% of copy bandwidth", 0.8), "train": (">= 1.15x LIP-ResNet-50 training step", 1.15),
+}
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_targets_met_at_their_limit_and_missed_below_it(target):
+    """A worst case exactly at a target's limit meets it, one just below
+    misses it: the worst of several cases (not the best) decides."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    label, limit = TARGETS[target]
+
+    def verdict(worst):
+        values = [worst] + [limit * random.uniform(1.01, 3) for _ in range(3)]
+        random.shuffle(values)
+        rows, train = [], {}
+        for i, v in enumerate(values):
+            row = {"layer": "large", "dtype": "float32", "layout": f"l{i}",
+                   "fast_vs_reference": 2 * TARGETS["eager"][1], "fast_vs_compiled": 2 * TARGETS["compile"][1],
+                   "fused_fast_copy_fraction": 1.0}
+            key = {"eager": "fast_vs_reference", "compile": "fast_vs_compiled", "copy": "fused_fast_copy_fraction"}
+            if target in key:
+                row[key[target]] = v
+            rows.append(row)
+            f_ms = 2.0 ** random.randint(0, 6)  # a power of two: reference / fused is the ratio exactly
+            ratio = v if target == "train" else 2 * TARGETS["train"][1]
+            train[f"train_{i}_fast"] = {"results": {"fused": {"step_ms_median": f_ms},
+                                                    "reference": {"step_ms_median": ratio * f_ms}}}
+        lines = gpu_summary.target_lines(rows, train)
+        (line,) = [l for l in lines if l.startswith(label)]
+        assert all(": met (worst" in l for l in lines if l != line), lines
+        return line
+
+    assert ": met (worst" in verdict(limit)
+    assert ": MISSED (worst" in verdict(limit * (1 - 1e-9))

@@ -269,7 +269,8 @@ def test_mixed_dtypes(pair, layout, device, seed):
         torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-LOGIT_SHAPES = [(2, 1, 9, 10), (1, 6, 9, 10), (1, 1, 9, 10), (6, 9, 10), (9, 10), (2, 6, 1, 10), (1,)]
+LOGIT_SHAPES = [(2, 1, 9, 10), (1, 6, 9, 10), (1, 1, 9, 10), (6, 9, 10), (9, 10), (2, 6, 1, 10), (1,),
+                (2, 6, 9, 1), (1, 1, 9, 1)]  # the last two: broadcast over W alone
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -649,6 +650,13 @@ def _bad_op_calls():
         ("float8 logit", lambda: forward(l_dtype=torch.float8_e4m3fn), r"logit to have a floating-point dtype"),
         ("logit shape", lambda: forward(l_shape=(2, 2, 8, 8)), r"logit to have the same shape as x"),
         ("logit on meta", lambda: forward(l_device="meta"), r"logit on the same device as x"),
+        ("logit height", lambda: forward(l_shape=(2, 3, 7, 8)), r"logit to have the same shape as x"),
+        ("logit width", lambda: forward(l_shape=(2, 3, 8, 9)), r"logit to have the same shape as x"),
+        ("zero kernel width", lambda: forward(kernel=(3, 0), padding=(1, 0)), r"kernel_size to be positive"),
+        ("zero stride height", lambda: forward(stride=(0, 2)), r"stride to be positive"),
+        ("big padding width", lambda: forward(kernel=(3, 1), padding=(1, 1)), r"padding .* at most half the kernel"),
+        ("empty width", lambda: forward(x_shape=(2, 3, 8, 4), kernel=(3, 5), padding=(1, 0)),
+         r"output would be empty"),
         ("grad shape", lambda: backward(grad_shape=(2, 3, 4, 5)), r"grad_out of shape \[2, 3, 4, 4\]"),
         ("stats dtype", lambda: backward(stats_dtype=torch.float64), r"window_max of dtype"),
         ("grad on meta", lambda: backward(grad_device="meta"), r"grad_out on the same device as x"),
@@ -748,3 +756,97 @@ def test_cuda_over_2_31_elements_index_correctly(seed):
     assert torch.equal(y[:, -1:], y_last)
     assert torch.equal(gx[:, -1:], gx_last)
     assert torch.equal(gl[:, -1:], gl_last)
+
+
+# --------------------------------------------------------------------------- found by mutation testing
+
+
+def _one_dim_geometries():
+    """Every (kernel, stride, padding, size) of one dimension with kernel 1..4,
+    stride 1..3, padding up to kernel // 2 and size 1..8 that avg_pool2d takes:
+    ceil_mode's dropped last window, a 1x1 input with padding, etc."""
+    return [(k, s, p, n) for k in range(1, 5) for s in range(1, 4) for p in range(k // 2 + 1)
+            for n in range(1, 9) if n + 2 * p >= k]
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of calls on tiny tensors: one intra-op thread is faster, and
+    immune to spinning OpenMP threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_same_meta(fake, real, what):
+    assert fake.shape == real.shape and fake.dtype == real.dtype, (what, fake.shape, real.shape)
+    significant = [i for i, size in enumerate(real.shape) if size > 1]
+    assert [fake.stride(i) for i in significant] == [real.stride(i) for i in significant], \
+        (what, fake.stride(), real.stride())
+
+
+@pytest.mark.parametrize("ceil", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("pairing", ["square", "random"])
+def test_fake_kernels_give_the_eager_output_metadata(pairing, ceil, seed, one_thread):
+    """Traced shapes are the eager ones: the fake kernels' outputs (forward and
+    backward) have the shape, dtype and strides the operator returns, and the
+    output is avg_pool2d's shape, for every small geometry of H, with W the
+    same geometry ("square") or another one drawn at random ("random"), in a
+    layout drawn at random."""
+    rng = random.Random(seed)
+    dims = _one_dim_geometries()
+    mode = torch._subclasses.FakeTensorMode()
+    for kh, sh, ph, h in dims:
+        kw, sw, pw, w = (kh, sh, ph, h) if pairing == "square" else rng.choice(dims)
+        k, s, p = [kh, kw], [sh, sw], [ph, pw]
+        x, logit = make_inputs((2, 3, h, w), torch.float32, "cpu", rng.choice(LAYOUTS))
+        want_shape = F.avg_pool2d(torch.empty(1, 1, h, w), k, s, p, ceil_mode=ceil).shape[-2:]
+        real = torch.ops.lip_cuda.lip2d_forward(x, logit, k, s, p, ceil)
+        assert real[0].shape == (2, 3, *want_shape), (k, s, p, ceil, h, w)
+        grad_out = torch.randn_like(real[0])
+        real_back = torch.ops.lip_cuda.lip2d_backward(grad_out, x, logit, *real, k, s, p, ceil)
+        with mode:
+            fx, fl, fg = (mode.from_tensor(t) for t in (x, logit, grad_out))
+            fake = torch.ops.lip_cuda.lip2d_forward(fx, fl, k, s, p, ceil)
+            fake_back = torch.ops.lip_cuda.lip2d_backward(fg, fx, fl, *fake, k, s, p, ceil)
+        for name, f, r in zip(("out", "window_max", "inv_weight_sum", "grad_x", "grad_logit"),
+                              (*fake, *fake_back), (*real, *real_back)):
+            _assert_same_meta(f, r, (name, k, s, p, ceil, h, w))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pair", MIXED_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+def test_opcheck_mixed_dtypes(pair, layout, seed, one_thread):
+    """Both operators with x and logit in different dtypes (autocast gives a
+    float32 logit with half x): the fake kernels agree with the operators on
+    every output's dtype and accept what the forward returned."""
+    x_dtype, l_dtype = pair
+    x, _ = make_inputs((2, 3, 9, 7), x_dtype, "cpu", layout)
+    _, logit = make_inputs((2, 3, 9, 7), l_dtype, "cpu", layout)
+    args = ([3, 3], [2, 2], [1, 1], True)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_forward.default, (x, logit, *args))
+    out, wmax, inv = torch.ops.lip_cuda.lip2d_forward(x, logit, *args)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(x_dtype)
+    torch.library.opcheck(torch.ops.lip_cuda.lip2d_backward.default,
+                          (grad_out, x, logit, out, wmax, inv, *args))
+
+
+# unbatched (C, H, W) inputs whose C, or output H or W, is 1
+UNBATCHED_SHAPES = [(1, 7, 6), (3, 2, 2), (1, 1, 1), (4, 1, 9), (2, 9, 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", UNBATCHED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_unbatched_input_keeps_size_one_dims(shape, device, seed):
+    """The unbatched output is the batched one without its batch dim only:
+    a channel count or an output size of 1 stays."""
+    x, logit = make_inputs(shape, torch.float64, device, logit_high=8)
+    out_shape = F.avg_pool2d(x[None].cpu(), 3, 2, 1).shape[1:]
+    grad_out = torch.randn(out_shape, dtype=torch.float64, device=device)
+    y, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    y_ref, gx_ref, gl_ref = oracle_with_grads(x[None].cpu(), logit[None].cpu(), grad_out[None].cpu(), 3, 2, 1)
+    assert y.shape == out_shape and gx.shape == x.shape and gl.shape == logit.shape
+    torch.testing.assert_close(y.cpu(), y_ref[0])
+    torch.testing.assert_close(gx.cpu(), gx_ref[0])
+    torch.testing.assert_close(gl.cpu(), gl_ref[0])

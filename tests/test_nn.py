@@ -13,6 +13,7 @@ from lip_cuda.nn import (
     LIP2d,
     SimplifiedLIP,
     SoftGate,
+    TransitionLIP,
     lip_logit_convs,
     set_lip_backend,
 )
@@ -316,7 +317,10 @@ def test_bottleneck_lip_compiles_across_input_sizes(seed) -> None:
         y_ref = block(x_ref)
         (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+        # Inductor reorders the float32 reductions of the norms and convs:
+        # gradient differences scale with the gradient (1.26e-5 seen at
+        # LIP_TEST_SEED=160380849), so the bound does too
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5 * max(1.0, gx_ref.abs().max().item()))
 
 
 @requires_cuda
@@ -347,3 +351,22 @@ def test_docstring_examples(seed) -> None:
 
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("make", [lambda: SimplifiedLIP(6), lambda: BottleneckLIP(6, width=4),
+                                  lambda: TransitionLIP(6, width=4)],
+                         ids=["SimplifiedLIP", "BottleneckLIP", "TransitionLIP"])
+def test_reset_parameters_zeroes_the_logit_conv_and_resets_every_norm(make, seed) -> None:
+    """reset_parameters() after training (here: random weights) brings the
+    module back to its start: the logit conv at zero and every
+    InstanceNorm's affine parameters as a fresh InstanceNorm2d has them."""
+    m = make()
+    _randomize_(m)
+    norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.InstanceNorm2d)]
+    assert norms and all(n.weight.sub(1).abs().max() > 0 and n.bias.abs().max() > 0 for n in norms)
+    m.reset_parameters()
+    assert torch.count_nonzero(m.logit_conv.weight) == 0
+    for n in norms:
+        fresh = torch.nn.InstanceNorm2d(n.num_features, affine=True)
+        torch.testing.assert_close(n.weight, fresh.weight, rtol=0, atol=0)
+        torch.testing.assert_close(n.bias, fresh.bias, rtol=0, atol=0)

@@ -90,6 +90,8 @@ GEOMETRIES = [  # kernel_size, stride, padding, ceil_mode, (H, W)
     (2, None, 0, False, (7, 7)),
     (5, 3, 2, True, (11, 13)),
     ((3, 2), (2, 1), (1, 0), True, (8, 6)),
+    ((1, 3), (1, 2), (0, 1), False, (5, 7)),  # kW > kH: the right padding is W's own
+    ((2, 3), (2, 2), (1, 1), True, (7, 8)),
 ]
 
 
@@ -137,8 +139,11 @@ def test_masked_positions_and_huge_x_as_the_kernels(seed) -> None:
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
 
 
-def test_auxiliary_outputs_match_the_operator(seed) -> None:
-    x, logit = torch.randn(1, 3, 9, 10), 30 * torch.randn(1, 3, 9, 10)
+@pytest.mark.parametrize("x_dtype,l_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                             (torch.float64, torch.float32)], ids=str)
+def test_auxiliary_outputs_match_the_operator(x_dtype, l_dtype, seed) -> None:
+    """Including their dtype, which is x's (float32 for float32 x whatever the logit's)."""
+    x, logit = torch.randn(1, 3, 9, 10).to(x_dtype), (30 * torch.randn(1, 3, 9, 10)).to(l_dtype)
     program = lip_onnx.export(RawOp().eval(), (x, logit))
     assert_same_operator_outputs(run_onnx(program.model_proto, x, logit), RawOp()(x, logit))
 
@@ -168,15 +173,20 @@ def test_other_dtypes(dtype, seed) -> None:
     torch.testing.assert_close(y, lip_cuda.lip2d(x, logit), **tol)
 
 
-def test_dynamic_shapes(seed) -> None:
+# ceil_mode geometries whose output-size rule the dynamic graph computes:
+# (3, 1, 1): stride + padding < kernel; (2, 2, 1): the last window of odd
+# sizes starts on the right padding and is dropped.
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (2, 2, 1)], ids=str)
+def test_dynamic_shapes(k, s, p, seed) -> None:
     x, logit = torch.randn(2, 3, 12, 10), torch.randn(2, 3, 12, 10)
     n, h, w = (torch.export.Dim(name, min=2, max=64) for name in ("n", "h", "w"))
     dims = {0: n, 2: h, 3: w}
-    program = lip_onnx.export(Pool(3, 2, 1, True).eval(), (x, logit), dynamic_shapes=({**dims}, {**dims}))
+    program = lip_onnx.export(Pool(k, s, p, True).eval(), (x, logit), dynamic_shapes=({**dims}, {**dims}))
     for shape in [(2, 3, 12, 10), (3, 3, 17, 9), (4, 3, 8, 21)]:
         x, logit = torch.randn(shape), 5 * torch.randn(shape)
         (y,) = run_onnx(program.model_proto, x, logit)
-        torch.testing.assert_close(y, lip_cuda.lip2d(x, logit, 3, 2, 1, True), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, lip_cuda.lip2d(x, logit, k, s, p, True), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y.double(), float64_oracle(x, logit, k, s, p, True), rtol=1e-5, atol=1e-6)
 
 
 def test_plain_torch_onnx_export_after_import(tmp_path: Path, seed) -> None:
@@ -198,3 +208,19 @@ def test_plain_torch_onnx_export_after_import(tmp_path: Path, seed) -> None:
 def test_translation_table_is_public() -> None:
     table = lip_onnx.custom_translation_table()
     assert table == {torch.ops.lip_cuda.lip2d_forward.default: lip_onnx.lip2d_forward_onnx}
+
+
+def test_a_given_translation_of_lip2d_takes_precedence(seed) -> None:
+    """export() merges its table with the caller's custom_translation_table;
+    the caller's own translation of lip2d_forward is the one used."""
+    from onnxscript import opset18 as op
+
+    def doubled(x, logit, kernel_size, stride, padding, ceil_mode=False):
+        out, *aux = lip_onnx.lip2d_forward_onnx(x, logit, kernel_size, stride, padding, ceil_mode)
+        return (op.Add(out, out), *aux)
+
+    x, logit = torch.randn(2, 3, 9, 8), 12 * torch.rand(2, 3, 9, 8)
+    program = lip_onnx.export(Pool(3, 2, 1).eval(), (x, logit),
+                              custom_translation_table={lip_onnx.LIP2D_FORWARD: doubled})
+    (y,) = run_onnx(program.model_proto, x, logit)
+    torch.testing.assert_close(y.double(), 2 * float64_oracle(x, logit, 3, 2, 1, False), rtol=1e-5, atol=1e-6)

@@ -121,6 +121,46 @@ def test_resume_with_another_global_batch_continues_the_schedule(tmp_path: Path,
     assert ck["scheduler"]["last_epoch"] == 3 * 4 and ck["scheduler"]["base_lrs"][0] == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("option,before,after", [("--lr", "0.2", "0.4"), ("--lr-base-batch", "8", "4")])
+def test_resume_with_another_peak_lr_continues_the_schedule_at_it(tmp_path: Path, seed: int, option: str,
+                                                                  before: str, after: str) -> None:
+    """Resumed with the same global batch but another peak lr (--lr or
+    --lr-base-batch changed), the schedule continues at the new peak lr:
+    the last epoch runs at the lr of a fresh run with the new options."""
+    base = ["--synthetic", "16", "--image-size", "16", "--epochs", "3", "--batch-size", "4", "--lr", "0.4",
+            "--lr-base-batch", "4", "--print-freq", "100", "--seed", str(seed), *SMOKE]
+
+    def with_option(value: str) -> list:
+        argv = list(base)
+        argv[argv.index(option) + 1] = value
+        return argv
+
+    fresh = main(with_option(after) + ["--output", str(tmp_path / "fresh")])
+    part = tmp_path / "part"
+    main(with_option(before) + ["--output", str(part)], _stop_after_epoch=2)
+    resumed = main(with_option(after) + ["--output", str(part), "--resume", str(part / "checkpoint.pth")])
+    assert [h["epoch"] for h in resumed["history"]] == [3]
+    want = fresh["history"][2]["lr"]
+    assert want > 1e-3
+    assert resumed["history"][0]["lr"] == pytest.approx(want, rel=1e-9)
+    fresh_ck, ck = _load(tmp_path / "fresh" / "checkpoint.pth"), _load(part / "checkpoint.pth")
+    assert ck["scheduler"]["base_lrs"] == pytest.approx(fresh_ck["scheduler"]["base_lrs"])
+
+
+def test_param_groups_decay_only_conv_and_linear_weights() -> None:
+    """Weight decay on conv and linear weights; none on norm weights and on
+    biases (the optimiser groups of the authors' recipe)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
+                                torch.nn.InstanceNorm2d(4, affine=True), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2, bias=True))
+    decay, no_decay = param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["0.weight", "4.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["0.bias", "1.bias", "1.weight", "2.bias",
+                                                                 "2.weight", "4.bias"]
+
+
 def test_torchrun_two_processes_gloo(tmp_path: Path, seed: int) -> None:
     n, batch, epochs, lr = 32, 8, 2, 0.8
     out, dump = tmp_path / "out", tmp_path / "dump"
@@ -333,6 +373,7 @@ def _smoke_checkpoint(path: Path) -> None:
     "global_batch_not_dividing", "resume_other_arch", "weights_other_arch", "missing_weights",
     "evaluate_without_weights", "output_has_checkpoint", "weights_other_classes",
     "image_too_small", "output_is_a_file", "output_not_creatable", "negative_gamma", "momentum_one", "zero_milestone",
+    "label_smoothing_one",
 ])
 def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
     out = tmp_path / "out"
@@ -383,6 +424,7 @@ def test_bad_input_fails_early(tmp_path: Path, case: str, monkeypatch) -> None:
         "negative_gamma": (syn + ["--schedule", "step", "--lr-gamma", "-1"], "--lr-gamma must be > 0"),
         "momentum_one": (syn + ["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
         "zero_milestone": (syn + ["--schedule", "step", "--lr-steps", "0", "2"], "--lr-steps must be epochs >= 1"),
+        "label_smoothing_one": (syn + ["--label-smoothing", "1"], r"--label-smoothing in \[0, 1\)"),
         "weights_other_classes": (["--synthetic", "16", "--image-size", "32", "--arch", "lip_smoke", "--num-classes", "4",
                                    "--batch-size", "8", "--weights", str(ck), "--output", str(out)],
                                   r"fc.weight \(10, 64\) vs \(4, 64\) \(the checkpoint has 10 classes, this run 4\)"),
