@@ -471,9 +471,10 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
       }
     }
     for (int64_t b = 0; b < blocks; ++b) {
-      // lanes past the channels (zeros) must not ask for the window max
-      const bool partial = d.count(b) < kLanes;
-      const LaneInts in_use = cpu_math::lanes_between(0, static_cast<int32_t>(d.count(b)));
+      // Lanes past the channels load x = 0 and logit 0 (or a shared
+      // logit's value): no key of theirs changes a stored lane (a window-max
+      // result is taken lane by lane, and they are not stored); they ask for
+      // the window max only with a shared logit whose window sum is tiny.
       // inlined by force: with the fallback key GCC kept it out of line in
       // the baseline and AVX2 builds (the AVX-512 ones inline it anyway)
       const auto finish = [&](int64_t ow, int64_t w0, int64_t w1, Lanes sum,
@@ -481,7 +482,7 @@ void forward_strip(const LipGeometry& g, const Strip& st, const StripData<x_t, l
         Lanes y, inv, reference = tile_max[b];
         Step::finish(sum, weighted, y, inv);
         const Lanes key = Step::fallback_key(sum, weighted);
-        if (Step::needs_window_max(partial ? cpu_math::select(in_use, key, splat(1.0f)) : key)) {
+        if (Step::needs_window_max(key)) {
           Lanes y_w, m_w, inv_w;
           window_softmax(
               h0, h1, w0, w1, [&](int64_t h, int64_t w) { return d.logit_at(h, w, b); },

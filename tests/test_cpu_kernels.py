@@ -169,6 +169,27 @@ def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("logit_shape", [(1, 1), (2, 1)], ids=str)
+@pytest.mark.parametrize("channels", [16, 48, 85])
+def test_channels_last_shared_logit_matches_oracle(channels, logit_shape, dtype, seed):
+    """A logit shared across channels in channels_last: its lanes hold one
+    value per pixel (not kLanes neighbouring pixels), in the forward's
+    strip maxima and weights of whole lane blocks and in the backward's
+    unrolled inputs covered by at most 2 x 2 outputs. 16, 48 and 85 channels:
+    full lane blocks (one, three, five) and a partial one."""
+    shape = (2, channels, 11, 14)
+    x, logit = random_inputs(shape, dtype, "channels_last", logit_shape=(*logit_shape, 11, 14))
+    grad_out = torch.randn(2, channels, 6, 7).to(dtype)
+    got, kernel = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
+    assert kernel.endswith("channels_last"), kernel
+    want = oracle_with_grads(x, logit.expand_as(x), grad_out, 3, 2, 1, False)
+    dims = tuple(d for d, n in enumerate(logit_shape) if n == 1)
+    want = (want[0], want[1], want[2].sum(dim=dims, keepdim=True))
+    assert got[2].shape == logit.shape
+    assert_matches_oracle(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_rows_shared_logit_matches_oracle(dtype, seed):
     """One logit map for all channels (and images), read without a copy."""
     x, logit = random_inputs((2, 3, 23, 70), dtype, "contiguous", logit_shape=(1, 1, 23, 70))
@@ -614,6 +635,68 @@ def test_every_isa_build_matches_oracle(monkeypatch, seed):
             tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
             for u, v in zip(a[3], b[3]):
                 torch.testing.assert_close(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
+
+
+def test_every_isa_build_exp_is_accurate(monkeypatch, seed):
+    """The SIMD exp (Cody-Waite reduction and a degree-6 polynomial, about
+    one float ulp) as the outputs see it: windows of two taps, x = [0, 1] at
+    logits [0, -t], give y = e / (1 + e) with e = exp(-t), relative to y as
+    accurate as e itself; t random in [0, 80) spans every reduced argument
+    and scale of the normal range. Each element of out, grad_x and
+    grad_logit within 1e-6 (8 ulps) of the float64 oracle, relative to
+    itself, in every layout and ISA build (the tolerance of the other tests,
+    relative to the largest element, would not see an exp 100 ulps off)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the per-ISA builds exist on x86-64 only")
+    channels, windows = 17, 300
+    t = torch.rand(1, channels, 1, windows, dtype=torch.float64) * 80
+    x = torch.zeros(1, channels, 1, 2 * windows, dtype=torch.float64)
+    x[..., 1::2] = 1
+    logit = torch.zeros(1, channels, 1, 2 * windows, dtype=torch.float64)
+    logit[..., 1::2] = -t
+    x, logit = x.float(), logit.float()
+    grad_out = torch.randn(1, channels, 1, windows)
+    want = oracle_with_grads(x, logit, grad_out, (1, 2), (1, 2), 0)
+    for isa in runnable_isas():
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        for layout, planes in CPU_LAYOUTS:
+            got = run_layout(x, logit, grad_out, (1, 2), (1, 2), 0, layout, planes, monkeypatch)
+            for name, g, w in zip(("out", "grad_x", "grad_logit"), got, want):
+                torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=0, msg=f"{name} {isa} {layout} {planes}")
+
+
+# (x far above 1, a logit beyond exp's normal float range) per dtype
+NEGLIGIBLE_X = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("far", [-88.0, -95.0, -102.0])
+def test_every_isa_build_gives_negligible_logits_no_weight(far, dtype, monkeypatch):
+    """Each build's exp of a logit minus its reference is exactly 0 below
+    float's normal range (about -87.3), not a subnormal (which a huge x
+    would still see) nor, where 2^n is built from exponent bits (baseline
+    and AVX2 builds), a garbage scale: just past that bound, a tap with a
+    huge x weighs nothing, in every layout and ISA build. Windows (1, 2):
+    [1, big] at logits [0, far], [1, inf] at [0, -inf], then fully masked;
+    17 channels: full lane blocks and a partial one."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the per-ISA builds exist on x86-64 only")
+    x = torch.ones(1, 17, 1, 6, dtype=torch.float64)
+    logit = torch.zeros(1, 17, 1, 6, dtype=torch.float64)
+    x[..., 1], logit[..., 1] = NEGLIGIBLE_X[dtype], far
+    x[..., 3], logit[..., 3] = float("inf"), -float("inf")
+    x[..., 4], logit[..., 4:] = float("nan"), -float("inf")
+    x, logit = x.to(dtype), logit.to(dtype)
+    want_y = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).expand(1, 17, 1, 3)
+    want_gx = torch.tensor([1.0, 0, 1, 0, 0, 0], dtype=torch.float64).expand(1, 17, 1, 6)
+    for isa in runnable_isas():
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        for layout, planes in CPU_LAYOUTS:
+            got = run_layout(x, logit, torch.ones(1, 17, 1, 3).to(dtype), (1, 2), (1, 2), 0, layout, planes,
+                             monkeypatch)
+            assert torch.equal(got[0].double(), want_y), (isa, layout, planes)
+            assert torch.equal(got[1].double(), want_gx), (isa, layout, planes)
+            assert torch.equal(got[2].double(), torch.zeros(1, 17, 1, 6, dtype=torch.float64)), (isa, layout, planes)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

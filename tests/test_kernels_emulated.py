@@ -191,6 +191,28 @@ def test_emulated_generic_geometries(variant, layout, backend, seed):
         check_against_oracle(x, logit, grad_out, out, gx, gl, k, s, p, ceil)
 
 
+# square geometries one argument (kernel, stride or padding) away from a
+# fast kernel's
+NEAR_FAST_GEOMETRIES = [(3, 1, 0), (3, 2, 0), (3, 3, 1), (2, 2, 1), (2, 1, 0), (4, 2, 1), (2, 3, 0)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("geometry", NEAR_FAST_GEOMETRIES, ids=lambda g: "k%ds%dp%d" % g)
+def test_emulated_fast_takes_only_its_geometries(geometry, layout, backend, seed):
+    """Under 'fast', a geometry that matches a fast kernel's compile-time
+    K, S, P in all but one of them runs generic (a fast kernel would read
+    the windows of its own geometry), with the oracle's results; 8
+    channels, so channels_last could take the vector kernels."""
+    k, s, p = geometry
+    for ceil in (False, True):
+        x, logit = make_case((2, 8, 9, 10), DTYPE_PAIRS[0], layout)
+        out_shape = torch.nn.functional.avg_pool2d(x, k, s, p, ceil_mode=ceil).shape
+        grad_out = torch.randn(out_shape)
+        out, gx, gl, fk, bk = run_emulated(x, logit, grad_out, k, s, p, ceil, "fast", False, backend)
+        assert fk == bk == "generic_int32", (fk, bk)
+        check_against_oracle(x, logit, grad_out, out, gx, gl, k, s, p, ceil)
+
+
 @pytest.mark.parametrize("pair", [DTYPE_PAIRS[0], DTYPE_PAIRS[2]], ids=pair_id)
 def test_emulated_fast_falls_back_without_vectors(pair, backend, seed):
     """channels_last fast kernels need whole 16-byte channel vectors and

@@ -269,6 +269,30 @@ def test_mixed_dtypes(pair, layout, device, seed):
         torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pair", MIXED_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+def test_mixed_dtypes_backward_operator(pair, layout, device, seed):
+    """The registered lip2d_backward itself, without autograd (which casts a
+    gradient to its input's dtype, hiding a wrong one): grad_x in x's dtype,
+    grad_logit in the logit's (as the fake kernel says), also where the
+    kernels read the logit in another dtype, with the oracle's values."""
+    x_dtype, l_dtype = pair
+    x, _ = make_inputs((2, 19, 9, 8), x_dtype, device, layout)
+    _, logit = make_inputs((2, 19, 9, 8), l_dtype, device, layout, logit_high=12)
+    args = ([3, 3], [2, 2], [1, 1], False)
+    out, window_max, inv_weight_sum = torch.ops.lip_cuda.lip2d_forward(x, logit, *args)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(x_dtype).to(device)
+    gx, gl = torch.ops.lip_cuda.lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, *args)
+    assert (gx.dtype, gl.dtype) == (x_dtype, l_dtype)
+    assert gx.shape == x.shape and gl.shape == logit.shape
+    _, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), 3, 2, 1)
+    narrow = x_dtype if torch.finfo(x_dtype).eps > torch.finfo(l_dtype).eps else l_dtype
+    tol = TOLERANCE[narrow][1]
+    for got, want in ((gx, gx_ref), (gl, gl_ref)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 LOGIT_SHAPES = [(2, 1, 9, 10), (1, 6, 9, 10), (1, 1, 9, 10), (6, 9, 10), (9, 10), (2, 6, 1, 10), (1,),
                 (2, 6, 9, 1), (1, 1, 9, 1)]  # the last two: broadcast over W alone
 
@@ -426,6 +450,32 @@ def test_x_near_the_dtype_max_stays_finite(case, dtype, scale, layout, device, s
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_x_at_the_dtype_max_with_equal_weights_stays_finite(kernel, dtype, layout, device, seed):
+    """The bound the weighted sums keep: windows of up to 16 taps stay
+    finite for any finite x, also where every tap weighs about as much as
+    the window's max (logits within 1e-3 of each other) and x is within
+    10% of the dtype's max, so that the sum of the window's e x is near
+    taps * max. 3 x 3 and 4 x 4 windows, stride 1 (one output per input)."""
+    top = torch.finfo(dtype).max
+    x = (top * (0.9 + 0.1 * torch.rand(2, 21, 9, 10, dtype=torch.float64))).to(dtype)
+    logit = (4 * torch.rand(()) + 1e-3 * torch.rand(x.shape, dtype=torch.float64)).to(dtype)
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    k, s, p = kernel, 1, kernel // 2
+    oh, ow = F.avg_pool2d(torch.empty(1, 1, 9, 10), k, s, p).shape[-2:]
+    grad_out = (torch.rand(2, 21, oh, ow, dtype=torch.float64) - 0.5).to(dtype)
+    y, gx, gl = run_fused(x.to(device), logit.to(device), grad_out.to(device), k, s, p, False)
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    want = oracle_with_grads(x, logit, grad_out, k, s, p, False)
+    for got, ref, tol in zip((y, gx, gl), want, (fwd_tol, grad_tol, grad_tol)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype,scale", [
     (torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1e308),
 ], ids=["float32", "bfloat16", "float64"])
@@ -479,6 +529,23 @@ def test_autocast_cpu_bfloat16(seed):
     assert feats.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
     want = window_softmax_lip(feats.double(), conv(logit).to(torch.bfloat16).double(), 3, 2, 1)
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_output_gradient_in_another_dtype(dtype, layout, device, seed):
+    """A float32 gradient of a half output (torch.autograd.grad's
+    grad_outputs, a float32 loss under autocast) is taken in the output's
+    dtype: both gradients in the inputs' dtype, with the oracle's values."""
+    x, logit = make_inputs((2, 5, 11, 9), dtype, device, layout)
+    grad_out = torch.randn(2, 5, 6, 5, dtype=torch.float64).float().to(device)
+    _, gx, gl = run_fused(x, logit, grad_out, 3, 2, 1, False)
+    assert (gx.dtype, gl.dtype) == (dtype, dtype)
+    _, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), 3, 2, 1)
+    tol = TOLERANCE[dtype][1]
+    for got, want in ((gx, gx_ref), (gl, gl_ref)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -646,6 +713,15 @@ def _bad_op_calls():
         ("big padding", lambda: forward(padding=(2, 1)), r"padding .* at most half the kernel"),
         ("neg padding", lambda: forward(padding=(-1, 1)), r"padding to be non-negative"),
         ("no channels", lambda: forward(x_shape=(2, 0, 8, 8)), r"C, H and W of x to be non-zero"),
+        # padding gives these a window (and an output) although x has no rows or columns
+        ("no rows", lambda: forward(x_shape=(2, 3, 0, 8), kernel=(2, 2), stride=(1, 1), padding=(1, 1)),
+         r"C, H and W of x to be non-zero"),
+        ("no columns", lambda: forward(x_shape=(2, 3, 8, 0), kernel=(2, 2), stride=(1, 1), padding=(1, 1)),
+         r"C, H and W of x to be non-zero"),
+        ("empty height", lambda: forward(kernel=(9, 3), stride=(1, 1), padding=(0, 1)), r"output would be empty"),
+        ("empty width", lambda: forward(kernel=(3, 9), stride=(1, 1), padding=(1, 0)), r"output would be empty"),
+        ("zero kernel height", lambda: forward(kernel=(0, 3)), r"kernel_size to be positive"),
+        ("zero kernel width", lambda: forward(kernel=(3, 0), padding=(1, 0)), r"kernel_size to be positive"),
         ("int x", lambda: forward(x_dtype=torch.int32), r"x to have a floating-point dtype"),
         ("float8 logit", lambda: forward(l_dtype=torch.float8_e4m3fn), r"logit to have a floating-point dtype"),
         ("logit shape", lambda: forward(l_shape=(2, 2, 8, 8)), r"logit to have the same shape as x"),
