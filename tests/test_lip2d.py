@@ -469,9 +469,14 @@ def test_x_at_the_dtype_max_with_equal_weights_stays_finite(kernel, dtype, layou
     y, gx, gl = run_fused(x.to(device), logit.to(device), grad_out.to(device), k, s, p, False)
     fwd_tol, grad_tol = TOLERANCE[dtype]
     want = oracle_with_grads(x, logit, grad_out, k, s, p, False)
-    for got, ref, tol in zip((y, gx, gl), want, (fwd_tol, grad_tol, grad_tol)):
+    # grad_logit's terms g w (x - y) cancel (x within 10% of each other):
+    # the saved y's rounding (|g| w |y| eps per term, w summing to about 1
+    # over an input's windows) is measured against the terms, not their sum
+    term_scale = grad_out.abs().max().item() * x.abs().max().item()
+    scales = (want[0].abs().max().item(), want[1].abs().max().item(), term_scale)
+    for got, ref, tol, scale in zip((y, gx, gl), want, (fwd_tol, grad_tol, grad_tol), scales):
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
