@@ -225,16 +225,56 @@ std::tuple<Tensor, Tensor> lip2d_backward_cpu_op(const Tensor& grad_out, const T
                         padding, ceil_mode, &lip2d_backward_cpu);
 }
 
+// A test-only operator's output, computed inside a larger buffer whose
+// margins hold a byte pattern: a thread that writes past the tensor (a bound
+// off by one) changes a margin, and the call fails. Past a plain tensor
+// such a write corrupted the heap, which glibc caught only by luck (a
+// mutation check of lip_kernel_threads.h: 5 such bugs, each an abort). The
+// margins keep the tensor's alignment; its own elements start as the
+// pattern too, so one that no thread writes keeps it.
+class GuardedOutput {
+ public:
+  explicit GuardedOutput(const Tensor& target) : target_(target) {
+    buffer_ = at::empty({target.numel() + 2 * kMargin}, target.options().memory_format(at::MemoryFormat::Contiguous));
+    buffer_.view(at::kByte).fill_(kPattern);
+    view_ = buffer_.as_strided(target.sizes(), target.strides(), kMargin);
+  }
+  const Tensor& view() const { return view_; }
+
+  // Checks the margins and copies the result into the target.
+  void finish(const char* name) {
+    const Tensor bytes = buffer_.view(at::kByte);
+    const int64_t margin = kMargin * buffer_.element_size();
+    const int64_t inside = view_.numel() * buffer_.element_size();
+    TORCH_CHECK(bytes.narrow(0, 0, margin).eq(kPattern).all().item<bool>() &&
+                    bytes.narrow(0, margin + inside, margin).eq(kPattern).all().item<bool>(),
+                "lip2d emulation: a kernel wrote outside its output ", name);
+    target_.copy_(view_);
+  }
+
+ private:
+  static constexpr int64_t kMargin = 64;  // elements: a multiple of every vector width
+  static constexpr uint8_t kPattern = 0xA5;
+  Tensor target_, buffer_, view_;
+};
+
 // Test-only: the CUDA kernels run on the CPU thread by thread, with the
-// variant ("generic" or "fast") and 64-bit offsets forced. Same arguments
-// and results as the real operators.
+// variant ("generic" or "fast") and 64-bit offsets forced, their outputs
+// guarded. Same arguments and results as the real operators.
 std::tuple<Tensor, Tensor, Tensor> lip2d_forward_emulated_op(
     const Tensor& x, const Tensor& logit, IntArrayRef kernel_size, IntArrayRef stride,
     IntArrayRef padding, bool ceil_mode, c10::string_view variant, bool force_int64) {
   const std::string v(variant);
   return lip2d_forward(x, logit, kernel_size, stride, padding, ceil_mode,
                        [&](const ForwardTensors& t, const CallGeometry& cg) {
-                         return lip2d_forward_emulated(t, cg, v, force_int64);
+                         GuardedOutput out(t.out), window_max(t.window_max), inv(t.inv_weight_sum);
+                         const char* kernel = lip2d_forward_emulated(
+                             ForwardTensors{t.x, t.logit, out.view(), window_max.view(), inv.view()},
+                             cg, v, force_int64);
+                         out.finish("out");
+                         window_max.finish("window_max");
+                         inv.finish("inv_weight_sum");
+                         return kernel;
                        });
 }
 
@@ -246,7 +286,14 @@ std::tuple<Tensor, Tensor> lip2d_backward_emulated_op(
   const std::string v(variant);
   return lip2d_backward(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
                         padding, ceil_mode, [&](const BackwardTensors& t, const CallGeometry& cg) {
-                          return lip2d_backward_emulated(t, cg, v, force_int64);
+                          GuardedOutput grad_x(t.grad_x), grad_logit(t.grad_logit);
+                          const char* kernel = lip2d_backward_emulated(
+                              BackwardTensors{t.grad_out, t.x, t.logit, t.out, t.window_max,
+                                              t.inv_weight_sum, grad_x.view(), grad_logit.view()},
+                              cg, v, force_int64);
+                          grad_x.finish("grad_x");
+                          grad_logit.finish("grad_logit");
+                          return kernel;
                         });
 }
 
