@@ -235,7 +235,8 @@ std::tuple<Tensor, Tensor> lip2d_backward_cpu_op(const Tensor& grad_out, const T
 class GuardedOutput {
  public:
   explicit GuardedOutput(const Tensor& target) : target_(target) {
-    buffer_ = at::empty({target.numel() + 2 * kMargin}, target.options().memory_format(at::MemoryFormat::Contiguous));
+    buffer_ = at::empty({target.numel() + 2 * kMargin},
+                        target.options().memory_format(at::MemoryFormat::Contiguous));
     buffer_.view(at::kByte).fill_(kPattern);
     view_ = buffer_.as_strided(target.sizes(), target.strides(), kMargin);
   }

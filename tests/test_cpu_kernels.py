@@ -562,6 +562,12 @@ def test_large_single_channel_plane_memory_is_bounded(dtype):
 
 # ---- instruction sets --------------------------------------------------------
 
+# the per-ISA builds (lip2d_cpu_avx2.cpp, ...) exist on x86-64 Linux only
+needs_isa_builds = pytest.mark.skipif(
+    sys.platform != "linux" or os.uname().machine != "x86_64",
+    reason="the per-ISA builds exist on x86-64 only")
+
+
 def runnable_isas():
     """The ISA builds this CPU can run, as torch reports its capability."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -617,9 +623,8 @@ def run_isa_cases(seed_value):
     return results
 
 
+@needs_isa_builds
 def test_every_isa_build_matches_oracle(monkeypatch, seed):
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        pytest.skip("the per-ISA builds exist on x86-64 only")
     first = None
     for isa in runnable_isas():
         monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
@@ -637,6 +642,7 @@ def test_every_isa_build_matches_oracle(monkeypatch, seed):
                 torch.testing.assert_close(u.float(), v.float(), rtol=tol, atol=tol * v.abs().max().item())
 
 
+@needs_isa_builds
 def test_every_isa_build_exp_is_accurate(monkeypatch, seed):
     """The SIMD exp (Cody-Waite reduction and a degree-6 polynomial, about
     one float ulp) as the outputs see it: windows of two taps, x = [0, 1] at
@@ -646,8 +652,6 @@ def test_every_isa_build_exp_is_accurate(monkeypatch, seed):
     grad_logit within 1e-6 (8 ulps) of the float64 oracle, relative to
     itself, in every layout and ISA build (the tolerance of the other tests,
     relative to the largest element, would not see an exp 100 ulps off)."""
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        pytest.skip("the per-ISA builds exist on x86-64 only")
     channels, windows = 17, 300
     t = torch.rand(1, channels, 1, windows, dtype=torch.float64) * 80
     x = torch.zeros(1, channels, 1, 2 * windows, dtype=torch.float64)
@@ -669,6 +673,7 @@ def test_every_isa_build_exp_is_accurate(monkeypatch, seed):
 NEGLIGIBLE_X = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}
 
 
+@needs_isa_builds
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("far", [-88.0, -95.0, -102.0])
 def test_every_isa_build_gives_negligible_logits_no_weight(far, dtype, monkeypatch):
@@ -679,8 +684,6 @@ def test_every_isa_build_gives_negligible_logits_no_weight(far, dtype, monkeypat
     huge x weighs nothing, in every layout and ISA build. Windows (1, 2):
     [1, big] at logits [0, far], [1, inf] at [0, -inf], then fully masked;
     17 channels: full lane blocks and a partial one."""
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        pytest.skip("the per-ISA builds exist on x86-64 only")
     x = torch.ones(1, 17, 1, 6, dtype=torch.float64)
     logit = torch.zeros(1, 17, 1, 6, dtype=torch.float64)
     x[..., 1], logit[..., 1] = NEGLIGIBLE_X[dtype], far
