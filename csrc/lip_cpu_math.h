@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lip_window.h"  // LIP_UNROLL
+
 #if LIP_CPU_ISA >= 1
 #include <immintrin.h>
 #endif
@@ -103,52 +105,84 @@ inline Lanes max_lanes(Lanes a, Lanes b) {
 #endif
 }
 
-// e^v = 2^n e^r: r = v - n ln2 (ln2 in a high and a low part, the high one
-// exact in n * hi), |r| <= ln2 / 2, then e^r as a polynomial.
-inline Lanes exp_reduced(Lanes v, Lanes n) {
-  Lanes r = v - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  Lanes p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p;
-}
-
 // exp(v) for v <= 0 (a logit minus its window max), as the window step
 // needs it: exactly 0 below the normal float range and at -inf, so a masked
 // or negligible tap has no weight at all (not ~1e-38, which a huge x would
 // still see). Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, then a
-// degree-6 Taylor polynomial: relative error about 1.2e-7, one float ulp.
-// NaN propagates.
-inline Lanes exp_lanes(Lanes v) {
+// degree-6 Taylor polynomial (ln2 in a high and a low part, the high one
+// exact in n * hi): relative error about 1.2e-7, one float ulp. NaN
+// propagates.
+//
+// N independent vectors at once, each step for all of them before the
+// next: an exp is a chain of about 15 dependent instructions, and written
+// one vector after another GCC kept each chain whole, so that the core
+// (Zen 1, AVX2) waited on FMA latency with the scheduler full of one
+// chain (the float32 channels_last forward's weight pass took about 34
+// cycles a vector against about 16 of issue).
+template <int N>
+[[gnu::always_inline]] inline void exp_lanes(const Lanes* v_in, Lanes* out) {
   const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
-  const LaneInts underflow = v < kLowest;  // NaN fails the compare and propagates
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  LaneInts underflow[N];
+  Lanes v[N], n[N], r[N], p[N];
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) {
+    v[i] = v_in[i];
+    underflow[i] = v[i] < kLowest;  // NaN fails the compare and propagates
+  }
 #if LIP_CPU_ISA >= 2
   // AVX-512: VSCALEFPS multiplies by 2^n, exactly as the integer form below
   // does for every n it keeps (n >= -126), and takes any n, so v needs no
   // clamping: four instructions fewer, the same bits.
-  const Lanes n = (v * 1.44269504088896341f + kRound) - kRound;
-  const Lanes scaled = reinterpret_cast<Lanes>(_mm512_maskz_scalef_ps(
-      0xFFFF, reinterpret_cast<__m512>(exp_reduced(v, n)), reinterpret_cast<__m512>(n)));
-  return select(underflow, splat(0.0f), scaled);
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) n[i] = (v[i] * 1.44269504088896341f + kRound) - kRound;
 #else
-  v = select(underflow, splat(kLowest), v);
-  const Lanes t = v * 1.44269504088896341f + kRound;
-  const Lanes n = t - kRound;
-  LaneInts n_int;
-  std::memcpy(&n_int, &t, sizeof(n_int));
-  int32_t round_bits;
-  std::memcpy(&round_bits, &kRound, sizeof(round_bits));
-  n_int = ((n_int - round_bits) + 127) << 23;  // 2^n as float bits
-  Lanes scale;
-  std::memcpy(&scale, &n_int, sizeof(scale));
-  return select(underflow, splat(0.0f), exp_reduced(v, n) * scale);
+  Lanes scale[N];
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) {
+    v[i] = select(underflow[i], splat(kLowest), v[i]);
+    const Lanes t = v[i] * 1.44269504088896341f + kRound;
+    n[i] = t - kRound;
+    LaneInts n_int;
+    std::memcpy(&n_int, &t, sizeof(n_int));
+    int32_t round_bits;
+    std::memcpy(&round_bits, &kRound, sizeof(round_bits));
+    n_int = ((n_int - round_bits) + 127) << 23;  // 2^n as float bits
+    std::memcpy(&scale[i], &n_int, sizeof(scale[i]));
+  }
 #endif
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) r[i] = v[i] - n[i] * 0.693145751953125f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) r[i] = r[i] - n[i] * 1.428606765330187e-06f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = splat(1.0f / 720.0f) * r[i] + 1.0f / 120.0f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f / 24.0f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f / 6.0f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 0.5f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f;
+  LIP_UNROLL
+  for (int i = 0; i < N; ++i) {
+#if LIP_CPU_ISA >= 2
+    const Lanes scaled = reinterpret_cast<Lanes>(_mm512_maskz_scalef_ps(
+        0xFFFF, reinterpret_cast<__m512>(p[i]), reinterpret_cast<__m512>(n[i])));
+#else
+    const Lanes scaled = p[i] * scale[i];
+#endif
+    out[i] = select(underflow[i], splat(0.0f), scaled);
+  }
+}
+
+inline Lanes exp_lanes(Lanes v) {
+  Lanes out;
+  exp_lanes<1>(&v, &out);
+  return out;
 }
 
 // The value operations of lip_window.h's WindowStep on float lanes (the
@@ -172,6 +206,63 @@ struct LaneMath {
   }
   static Lanes select_small(Lanes a, Lanes bound, Lanes if_zero, Lanes if_tiny, Lanes otherwise) {
     return select((a < bound) & (-a < bound), select(a == splat(0.0f), if_zero, if_tiny), otherwise);
+  }
+};
+
+// N lane vectors as one value of lip_window.h's WindowStep
+// (WindowStep<PackMath<N>>): each operation runs on all N before the next,
+// so that the N independent chains of a step (N exps, say) interleave
+// instead of following one another (see exp_lanes). The same operations
+// in the same order per vector as LaneMath: the same bits.
+template <int N>
+struct LanePack {
+  Lanes v[N];
+  Lanes& operator[](int i) { return v[i]; }
+  const Lanes& operator[](int i) const { return v[i]; }
+};
+
+#define LIP_PACK_OPERATOR(op)                                               \
+  template <int N>                                                          \
+  inline LanePack<N> operator op(const LanePack<N>& a, const LanePack<N>& b) { \
+    LanePack<N> out;                                                        \
+    LIP_UNROLL                                                              \
+    for (int i = 0; i < N; ++i) out[i] = a[i] op b[i];                      \
+    return out;                                                             \
+  }
+LIP_PACK_OPERATOR(+)
+LIP_PACK_OPERATOR(-)
+LIP_PACK_OPERATOR(*)
+#undef LIP_PACK_OPERATOR
+template <int N>
+inline LanePack<N>& operator+=(LanePack<N>& a, const LanePack<N>& b) {
+  return a = a + b;
+}
+
+// The operations of LaneMath that the tile weights and the gradient taps
+// use (WindowStep::tile_weight, add_weight, grad_tap, grad_weight_tap).
+// Not inlined by force: WindowStep is compiled for the baseline ISA, and
+// GCC refuses to force an AVX2 function into it; the kernels that use
+// packs are marked flatten instead, which inlines all of it into them
+// (left to GCC, even a pack's += and exp stayed calls).
+template <int N>
+struct PackMath {
+  using value = LanePack<N>;
+  static value splat(float v) {
+    value out;
+    LIP_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = cpu_math::splat(v);
+    return out;
+  }
+  static value exp_nonpositive(const value& v) {
+    value out;
+    exp_lanes<N>(v.v, out.v);
+    return out;
+  }
+  static value zero_where_zero(const value& a, const value& b) {
+    value out;
+    LIP_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = LaneMath::zero_where_zero(a[i], b[i]);
+    return out;
   }
 };
 
