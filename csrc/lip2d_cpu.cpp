@@ -264,14 +264,13 @@ inline void tile_sums(const float* const* e_rows, const float* const* ex_rows, i
 
 // Lane vectors whose exps the kernels compute at once, interleaved
 // (PackStep): pixels of a row in forward_strip's weight pass, lane blocks
-// of a pixel in the channels_last backward. On AVX2 (16 registers, and on
-// Zen 1 256-bit operations split in two) one exp after another left the
-// core waiting on each exp's chain of dependent FMAs; interleaved four at a
-// time, the float32 channels_last forward took 0.64 instead of 0.75 ms and
-// the backward 0.82 instead of 1.10 ms (1 x 512 x 14 x 14 ... see
-// docs/kernels.md). The AVX-512 builds keep one at a time, as measured on
-// the AVX-512 VM before this change (the AVX2 VM cannot run them), and so
-// does the baseline build (not measured).
+// of a pixel in the channels_last and blocks backward. On AVX2 (16
+// registers; on Zen 1 each 256-bit operation is two) one exp after another
+// left the core waiting on each exp's chain of dependent FMAs; four at a
+// time took the float32 channels_last forward of 2 x 512 x 14 x 14 from
+// 0.72-0.76 to 0.61-0.69 ms and the backward from 1.06-1.10 to 0.80-0.81 ms
+// (one thread; docs/kernels.md, "An AVX2 CPU"). The AVX-512 and baseline
+// builds keep one vector at a time: no machine here could measure them.
 constexpr int kWeightPack = LIP_CPU_ISA == 1 ? 4 : 1;
 constexpr int kGradPack = LIP_CPU_ISA == 1 ? 4 : 1;
 

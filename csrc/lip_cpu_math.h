@@ -115,10 +115,10 @@ inline Lanes max_lanes(Lanes a, Lanes b) {
 //
 // N independent vectors at once, each step for all of them before the
 // next: an exp is a chain of about 15 dependent instructions, and written
-// one vector after another GCC kept each chain whole, so that the core
-// (Zen 1, AVX2) waited on FMA latency with the scheduler full of one
-// chain (the float32 channels_last forward's weight pass took about 34
-// cycles a vector against about 16 of issue).
+// one vector after another GCC kept each chain whole, so that a core with
+// a small scheduler (Zen 1, AVX2) waited on FMA latency: timer samples of
+// the float32 forward's weight pass piled up on the polynomial's last
+// FMAs, at about 34 cycles a vector (docs/kernels.md, "An AVX2 CPU").
 template <int N>
 [[gnu::always_inline]] inline void exp_lanes(const Lanes* v_in, Lanes* out) {
   const float kLowest = -87.3f;  // exp(kLowest) is about FLT_MIN, still normal
