@@ -665,22 +665,41 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
       dl[q][i] = splat(0.0f);
     }
   }
-  LIP_UNROLL
-  for (int a = 0; a < NOH; ++a) {
+  if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
+    // one lane block: its covering outputs' exps interleaved instead, all
+    // of them first, then the taps in grad_tap's order (the same bits)
+    constexpr int T = NOH * NOW;
+    typename PackStep<T>::V logits, refs;
     LIP_UNROLL
-    for (int c = 0; c < NOW; ++c) {
+    for (int t = 0; t < T; ++t) {
+      logits[t] = lv[0][0];
+      refs[t] = load(mo + (t / NOW) * o_row + (t % NOW) * o_col);
+    }
+    const auto e = PackStep<T>::tap_weight(logits, refs);
+    LIP_UNROLL
+    for (int t = 0; t < T; ++t) {
+      const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
+      Step::grad_weight_tap(e[t], xv[0][0], load_full(go + off), load_full(yo + off),
+                            load(invo + off), dx[0][0], dl[0][0]);
+    }
+  } else {
+    LIP_UNROLL
+    for (int a = 0; a < NOH; ++a) {
       LIP_UNROLL
-      for (int q = 0; q < NB / P; ++q) {
-        V gv, yv, mv, iv;
+      for (int c = 0; c < NOW; ++c) {
         LIP_UNROLL
-        for (int i = 0; i < P; ++i) {
-          const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
-          gv[i] = load_full(go + off);
-          yv[i] = load_full(yo + off);
-          mv[i] = load(mo + off);
-          iv[i] = load(invo + off);
+        for (int q = 0; q < NB / P; ++q) {
+          V gv, yv, mv, iv;
+          LIP_UNROLL
+          for (int i = 0; i < P; ++i) {
+            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
+            gv[i] = load_full(go + off);
+            yv[i] = load_full(yo + off);
+            mv[i] = load(mo + off);
+            iv[i] = load(invo + off);
+          }
+          PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
         }
-        PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
       }
     }
   }
@@ -1850,12 +1869,14 @@ bool gather_by_default(const LipGeometry& g) { return g.W >= 56 && g.W <= 512; }
 template <int NR, int NS>
 [[gnu::always_inline]] inline void gather_vector(const Lanes* d, int64_t row_stride, const char* uniform,
                                                  int64_t uniform_stride, int64_t rows, int64_t slots,
-                                                 Lanes xi, Lanes li, Lanes& dx, Lanes& dl) {
+                                                 Lanes xi, Lanes li, Lanes e, Lanes& dx,
+                                                 Lanes& dl) {
+  // e: the first slot's weight, Step::tap_weight(li, d[0]), computed by the
+  // caller for several vectors at once
   const int64_t nr = NR ? NR : rows, ns = NS ? NS : slots;
   dx = splat(0.0f);
   dl = splat(0.0f);
   Lanes reference = d[0];
-  Lanes e = cpu_math::exp_lanes(li - reference);
   LIP_UNROLL
   for (int64_t i = 0; i < nr; ++i, d += row_stride, uniform += uniform_stride) {
     if (i > 0 && !cpu_math::all_set(d[0] == reference)) {
@@ -1868,7 +1889,7 @@ template <int NR, int NS>
       const Lanes* t = d + 4 * j;
       if (j > 0 && !shared && !cpu_math::all_set(t[0] == reference)) {
         reference = t[0];
-        e = cpu_math::exp_lanes(li - reference);
+        e = Step::tap_weight(li, reference);
       }
       Step::grad_weight_tap(e, xi, t[2], t[3], t[1], dx, dl);
     }
@@ -1922,7 +1943,9 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
   const int64_t float_ahead = kGatherAheadBytes;
   const int64_t x_ahead = kGatherAheadBytes * int64_t(sizeof(x_t)) / 4;
   const int64_t l_ahead = kGatherAheadBytes * int64_t(sizeof(l_t)) / 4;
-  at::parallel_for(0, g.N * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
+  // flattened, so that the PackStep calls are inlined (see PackMath)
+  at::parallel_for(0, g.N * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end)
+                                                          __attribute__((flatten)) {
     std::unique_ptr<Lanes[]> spread(new Lanes[task_out_rows * row_lanes]);
     std::unique_ptr<char[]> uniform(new char[task_out_rows * gc.vectors]);
     int64_t plane = begin / tasks_per_plane, band = begin % tasks_per_plane;
@@ -1981,24 +2004,39 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
         const Lanes* first = spread.get() + (oh0 - oh_base) * row_lanes;
         const char* first_uniform = uniform.get() + (oh0 - oh_base) * gc.vectors;
         const int shape = rows < 1 ? -1 : (rows <= 2 && slots <= 2) ? int((rows - 1) * 2 + (slots - 1)) : 4;
-        for (int64_t v = 0, w0 = 0; v < gc.vectors; ++v, w0 += kLanes) {
-          const int64_t count = std::min<int64_t>(kLanes, g.W - w0);
-          const Lanes xi = load_lanes(xr + w0, count), li = load_lanes(lr + w0, count);
-          const Lanes* d = first + v * slots * 4;
-          const char* u = first_uniform + v;
-          Lanes dx = splat(0.0f), dl = splat(0.0f);
-          switch (shape) {
-            case -1: break;  // no output covers the row
-            case 0: gather_vector<1, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
-            case 1: gather_vector<1, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
-            case 2: gather_vector<2, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
-            case 3: gather_vector<2, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
-            default: gather_vector<0, 0>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, dx, dl); break;
+        // kGradPack vectors at a time: their first weights' exps interleaved
+        for (int64_t v0 = 0; v0 < gc.vectors; v0 += kGradPack) {
+          typename PackStep<kGradPack>::V xs, ls, refs, es;
+          LIP_UNROLL
+          for (int k = 0; k < kGradPack; ++k) {
+            // past the last vector: the last one again, computed and dropped
+            const int64_t v = std::min<int64_t>(v0 + k, gc.vectors - 1), w0 = v * kLanes;
+            const int64_t count = std::min<int64_t>(kLanes, g.W - w0);
+            xs[k] = load_lanes(xr + w0, count);
+            ls[k] = load_lanes(lr + w0, count);
+            refs[k] = shape < 0 ? splat(0.0f) : first[v * slots * 4];
           }
-          // inputs no window covers: 0 whatever their logit (inf, NaN)
-          const LaneInts covered = GatherColumns::at(gc.covered, v);
-          store_lanes(gxr + w0, cpu_math::select(covered, dx, splat(0.0f)), count, stream);
-          store_lanes(glr + w0, cpu_math::select(covered, dl, splat(0.0f)), count, stream);
+          es = PackStep<kGradPack>::tap_weight(ls, refs);
+          for (int64_t k = 0; k < kGradPack && v0 + k < gc.vectors; ++k) {
+            const int64_t v = v0 + k, w0 = v * kLanes;
+            const int64_t count = std::min<int64_t>(kLanes, g.W - w0);
+            const Lanes xi = xs[k], li = ls[k], e = es[k];
+            const Lanes* d = first + v * slots * 4;
+            const char* u = first_uniform + v;
+            Lanes dx = splat(0.0f), dl = splat(0.0f);
+            switch (shape) {
+              case -1: break;  // no output covers the row
+              case 0: gather_vector<1, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, e, dx, dl); break;
+              case 1: gather_vector<1, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, e, dx, dl); break;
+              case 2: gather_vector<2, 1>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, e, dx, dl); break;
+              case 3: gather_vector<2, 2>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, e, dx, dl); break;
+              default: gather_vector<0, 0>(d, row_lanes, u, gc.vectors, rows, slots, xi, li, e, dx, dl); break;
+            }
+            // inputs no window covers: 0 whatever their logit (inf, NaN)
+            const LaneInts covered = GatherColumns::at(gc.covered, v);
+            store_lanes(gxr + w0, cpu_math::select(covered, dx, splat(0.0f)), count, stream);
+            store_lanes(glr + w0, cpu_math::select(covered, dl, splat(0.0f)), count, stream);
+          }
         }
       }
       if (++band == tasks_per_plane) band = 0, ++plane;

@@ -205,8 +205,12 @@ struct WindowStep {
   // dx_i += g_o p,  dl_i += g_o p (x_i - y_o).
   static LIP_HOST_DEVICE void grad_tap(V logit, V x, V grad_out, V y, V m, V inv_weight_sum,
                                        V& dx, V& dl) {
-    grad_weight_tap(Math::exp_nonpositive(logit - m), x, grad_out, y, inv_weight_sum, dx, dl);
+    grad_weight_tap(tap_weight(logit, m), x, grad_out, y, inv_weight_sum, dx, dl);
   }
+
+  // A tap's weight relative to a reference, exp(l_i - m_o), as grad_tap
+  // takes it (a kernel may compute several first, then grad_weight_tap).
+  static LIP_HOST_DEVICE V tap_weight(V logit, V m) { return Math::exp_nonpositive(logit - m); }
 
   // grad_tap with its weight e = exp(l_i - m_o) given: a kernel that sees
   // several covering outputs share a reference computes e once for them.
