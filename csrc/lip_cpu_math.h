@@ -155,18 +155,15 @@ template <int N>
   for (int i = 0; i < N; ++i) r[i] = v[i] - n[i] * 0.693145751953125f;
   LIP_UNROLL
   for (int i = 0; i < N; ++i) r[i] = r[i] - n[i] * 1.428606765330187e-06f;
+  // Horner, one coefficient for all N vectors at a time
+  const float kTaylor[] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
   LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = splat(1.0f / 720.0f) * r[i] + 1.0f / 120.0f;
+  for (int i = 0; i < N; ++i) p[i] = splat(1.0f / 720.0f);
   LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f / 24.0f;
-  LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f / 6.0f;
-  LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 0.5f;
-  LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f;
-  LIP_UNROLL
-  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.0f;
+  for (float c : kTaylor) {
+    LIP_UNROLL
+    for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + c;
+  }
   LIP_UNROLL
   for (int i = 0; i < N; ++i) {
 #if LIP_CPU_ISA >= 2
