@@ -1496,6 +1496,28 @@ inline void transpose_tile(Lanes* r) {
     r[4 + j] = reinterpret_cast<Lanes>(_mm512_maskz_shuffle_f32x4(all, w[4 * j + 1], w[4 * j + 3], 0x88));
     r[12 + j] = reinterpret_cast<Lanes>(_mm512_maskz_shuffle_f32x4(all, w[4 * j + 1], w[4 * j + 3], 0xDD));
   }
+#elif LIP_CPU_ISA == 1
+  // AVX2: the 128-bit halves exchanged first (one insert, or an extract and
+  // an insert), then 4 x 4 transposes within each half. The generic form
+  // below compiled to two-source permutes whose index vectors GCC built at
+  // run time, element by element.
+  __m256 t[8];
+  LIP_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = reinterpret_cast<__m256>(r[i]), b = reinterpret_cast<__m256>(r[i + 4]);
+    t[i] = _mm256_insertf128_ps(a, _mm256_castps256_ps128(b), 1);    // a.lo | b.lo
+    t[i + 4] = _mm256_insertf128_ps(b, _mm256_extractf128_ps(a, 1), 0);  // a.hi | b.hi
+  }
+  // t[g..g+3]: rows 0-3 (low half) and 4-7 (high half) of columns g..g+3
+  LIP_UNROLL
+  for (int g = 0; g < 8; g += 4) {
+    const __m256 lo01 = _mm256_unpacklo_ps(t[g], t[g + 1]), hi01 = _mm256_unpackhi_ps(t[g], t[g + 1]);
+    const __m256 lo23 = _mm256_unpacklo_ps(t[g + 2], t[g + 3]), hi23 = _mm256_unpackhi_ps(t[g + 2], t[g + 3]);
+    r[g] = reinterpret_cast<Lanes>(_mm256_shuffle_ps(lo01, lo23, 0x44));
+    r[g + 1] = reinterpret_cast<Lanes>(_mm256_shuffle_ps(lo01, lo23, 0xEE));
+    r[g + 2] = reinterpret_cast<Lanes>(_mm256_shuffle_ps(hi01, hi23, 0x44));
+    r[g + 3] = reinterpret_cast<Lanes>(_mm256_shuffle_ps(hi01, hi23, 0xEE));
+  }
 #else
   LIP_UNROLL
   for (int b = kLanes / 2; b >= 1; b /= 2) {
