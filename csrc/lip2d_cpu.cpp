@@ -18,10 +18,12 @@
 //   to float), so that every window tap becomes a plain vector load at a
 //   fixed offset; the scratch is a few rows per task whatever the plane
 //   size or C. Parallel over (plane, strip of rows).
-// - contiguous NCHW, "blocks": for small planes with many channels, lanes
-//   are kLanes channels: a block of planes is transposed into a lane-minor
-//   float buffer [H][W][lane], computed there and transposed back (whole
-//   small planes, so the scratch is bounded by kMaxBlockPixels).
+// - contiguous NCHW, "blocks": for planes with many channels, lanes are
+//   kLanes channels: a group of planes (one lane block or more) is
+//   transposed into a lane-minor float buffer [rows][W][channel], computed
+//   there as channels_last is, and transposed back; whole planes where they
+//   fit in a few hundred KiB, else bands of rows, so the scratch is bounded
+//   whatever the plane size.
 // - contiguous NCHW, "gather" (backward only, planes 56 to 512 wide that
 //   blocks does not take): lanes are kLanes inputs of a row as they lie in
 //   memory; each output row is spread under the input columns by lane
@@ -282,9 +284,10 @@ constexpr int kWindowsAtOnce = 4;
 
 // Where forward_strip reads and writes lane block b (< blocks <=
 // kMaxStripBlocks) of a strip: input pixel (h, w) at element offset
-// h row + w pixel + b kLanes of x and the logit (whose lanes hold one value
-// when it is shared across channels), output (oh, ow) at oh out_row +
-// ow out_pixel + b kLanes of out, reference and inv. The last block has
+// (h - h_origin) row + w pixel + b kLanes of x and the logit (whose lanes
+// hold one value when it is shared across channels), output (oh, ow) at
+// (oh - oh_origin) out_row + ow out_pixel + b kLanes of out, reference and
+// inv (the origins: the first rows a blocks task holds). The last block has
 // last_count lanes in use. Held by value, so that the strides stay in
 // registers in the loops.
 template <typename x_t, typename l_t, typename o_t>
@@ -298,6 +301,7 @@ struct StripData {
   float* reference;
   float* inv;
   int64_t out_row, out_pixel;
+  int64_t h_origin = 0, oh_origin = 0;
   // The next strip this thread takes (same strides; its first input row at
   // x_next / logit_next, next_rows rows), fetched into the cache while this
   // one computes; next_rows 0 if none.
@@ -306,11 +310,13 @@ struct StripData {
   int64_t next_rows = 0;
 
   int64_t count(int64_t b) const { return b + 1 < blocks ? kLanes : last_count; }
+  const x_t* x_row_at(int64_t h) const { return x + (h - h_origin) * x_row; }
+  const l_t* logit_row_at(int64_t h) const { return logit + (h - h_origin) * l_row; }
   Lanes x_at(int64_t h, int64_t w, int64_t b) const {
-    return load_lanes(x + h * x_row + w * x_pixel + b * kLanes, count(b));
+    return load_lanes(x_row_at(h) + w * x_pixel + b * kLanes, count(b));
   }
   Lanes logit_at(int64_t h, int64_t w, int64_t b) const {
-    const l_t* p = logit + h * l_row + w * l_pixel;
+    const l_t* p = logit_row_at(h) + w * l_pixel;
     return logit_shared ? splat(static_cast<float>(*p)) : load_lanes(p + b * kLanes, count(b));
   }
   // Stream: the outputs stream past the cache (stream_bits); a template
@@ -318,7 +324,7 @@ struct StripData {
   // forward up to 20% (512x28x28).
   template <bool Stream>
   void emit(int64_t oh, int64_t ow, int64_t b, Lanes y, Lanes m, Lanes inverse) const {
-    const int64_t o = oh * out_row + ow * out_pixel + b * kLanes;
+    const int64_t o = (oh - oh_origin) * out_row + ow * out_pixel + b * kLanes;
     store_lanes(out + o, y, count(b), Stream);
     store_lanes(reference + o, m, count(b), Stream);
     store_lanes(inv + o, inverse, count(b), Stream);
@@ -334,8 +340,8 @@ struct StripData {
 template <int NB, typename x_t, typename l_t, typename o_t>
 inline void strip_row_max(const LipGeometry& g, const StripData<x_t, l_t, o_t>& d, int64_t h,
                           Lanes* tile_max) {
-  const l_t* lp = d.logit + h * d.l_row;
-  const x_t* xp = d.x + h * d.x_row;
+  const l_t* lp = d.logit_row_at(h);
+  const x_t* xp = d.x_row_at(h);
   Lanes m0[NB], m1[NB];
   LIP_UNROLL
   for (int b = 0; b < NB; ++b) {
@@ -453,8 +459,8 @@ template <bool Stream = false, typename x_t, typename l_t, typename o_t>
       if (ring_row[slot] == h || !tile) continue;
       ring_row[slot] = h;
       if (full) {
-        const x_t* xp = d.x + h * d.x_row;
-        const l_t* lp = d.logit + h * d.l_row;
+        const x_t* xp = d.x_row_at(h);
+        const l_t* lp = d.logit_row_at(h);
         // the next strip's row, into L2 (a strip is tens of KiB): its
         // first pass then overlaps no memory latency with compute
         const int64_t next_row = h - st.h0 < d.next_rows ? h - st.h0 : -1;
@@ -769,46 +775,54 @@ inline const T* bytes_ahead(const T* p, int64_t ahead_bytes) {
 // issued in one burst.
 class PrefetchQueue {
  public:
-  // write: the lines will be written (fetched for ownership)
-  void add(const void* p, int64_t bytes, bool write = false) {
-    if (count_ < kMaxRanges && bytes > 0) ranges_[count_++] = {static_cast<const char*>(p), bytes, write};
+  // write: the lines will be written (fetched for ownership). planes:
+  // `planes` ranges of `bytes`, `stride` bytes apart.
+  void add(const void* p, int64_t bytes, bool write = false, int64_t planes = 1, int64_t stride = 0) {
+    if (count_ < kMaxRanges && bytes > 0 && planes > 0) {
+      ranges_[count_++] = {static_cast<const char*>(p), bytes, planes, stride, write};
+    }
   }
   void step(int lines) {
     for (; lines > 0 && at_ < count_; --lines) {
-      if (ranges_[at_].write) {
-        __builtin_prefetch(ranges_[at_].p + offset_, 1);
+      const Range& r = ranges_[at_];
+      if (r.write) {
+        __builtin_prefetch(r.p + plane_ * r.stride + offset_, 1);
       } else {
-        __builtin_prefetch(ranges_[at_].p + offset_);
+        __builtin_prefetch(r.p + plane_ * r.stride + offset_);
       }
       offset_ += 64;
-      if (offset_ >= ranges_[at_].bytes) {
-        ++at_;
+      if (offset_ >= r.bytes) {
         offset_ = 0;
+        if (++plane_ == r.planes) {
+          ++at_;
+          plane_ = 0;
+        }
       }
     }
   }
   int64_t bytes() const {
     int64_t total = 0;
-    for (int i = 0; i < count_; ++i) total += ranges_[i].bytes;
+    for (int i = 0; i < count_; ++i) total += ranges_[i].bytes * ranges_[i].planes;
     return total;
   }
   int64_t lines_left() const {
     int64_t lines = 0;
-    for (int i = at_; i < count_; ++i) lines += (ranges_[i].bytes + 63) / 64;
-    return lines - offset_ / 64;
+    for (int i = at_; i < count_; ++i) lines += (ranges_[i].bytes + 63) / 64 * ranges_[i].planes;
+    if (at_ < count_) lines -= plane_ * ((ranges_[at_].bytes + 63) / 64) + offset_ / 64;
+    return lines;
   }
-  void clear() { count_ = at_ = 0, offset_ = 0; }
+  void clear() { count_ = at_ = 0, plane_ = offset_ = 0; }
 
  private:
   static constexpr int kMaxRanges = 8;
   struct Range {
     const char* p;
-    int64_t bytes;
+    int64_t bytes, planes, stride;
     bool write;
   };
   Range ranges_[kMaxRanges];
   int count_ = 0, at_ = 0;
-  int64_t offset_ = 0;
+  int64_t plane_ = 0, offset_ = 0;
 };
 
 template <typename x_t, typename l_t>
@@ -1421,13 +1435,6 @@ void backward_rows(const BackwardTensors& t, const CallGeometry& cg, bool stream
   });
 }
 
-// The blocks layout only for planes up to this size (its scratch is whole
-// planes x kLanes), and only where it fills more lanes than rows would.
-// Measured (AVX-512, one thread, batch 2, float32 forward+backward, ms,
-// blocks vs rows): 128x56x56 3.2 vs 3.8, 64x112x112 5.8 vs 5.9 (so the
-// bigger planes stay on rows, whose scratch is a few rows).
-constexpr int64_t kMaxBlockPixels = 64 * 64;
-
 // The contiguous kernel that tests and benchmarks ask for with
 // LIP_CUDA_CPU_PLANES (rows, blocks or gather), or "" for the default.
 std::string forced_planes_kernel() {
@@ -1435,22 +1442,13 @@ std::string forced_planes_kernel() {
   return env ? env : "";
 }
 
-bool use_blocks(const LipGeometry& g) {
-  if (g.H * g.W > kMaxBlockPixels) return false;
-  // the rows kernel always works
-  const std::string forced = forced_planes_kernel();
-  if (forced == "rows") return false;
-  if (forced == "blocks") return true;
-  const auto fill = [](int64_t n) {
-    return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
-  };
-  return fill(g.C) > fill(g.OW);
-}
+// ---- contiguous NCHW, blocks: channel groups in lane-minor buffers ---------
 
-// ---- contiguous NCHW, blocks: channel blocks in lane-minor buffers ----------
-
+// A blocks task's channels: image n, channels [c0, c0 + lanes) in use, in
+// blocks() lane blocks (the last one possibly part full).
 struct ChannelBlock {
-  int64_t n, c0, lanes;  // image, first channel, channels in use (<= kLanes)
+  int64_t n, c0, lanes;
+  int64_t blocks() const { return (lanes + kLanes - 1) / kLanes; }
 };
 
 // Transposes the kLanes x kLanes tile held in r[0..kLanes) in place: log2
@@ -1538,129 +1536,249 @@ inline void transpose_tile(Lanes* r) {
 #endif
 }
 
-// Copies planes [c0, c0 + lanes) of image n, at element offsets
-// n * n_stride + c * c_stride, `pixels` elements each, into
-// dst[pixel][kLanes] as float; unused lanes hold copies of the last
-// channel (finite work that is never stored). c_stride 0 (a logit shared
-// across channels) copies one plane into every lane. Whole tiles of kLanes
-// pixels go through lane transposes in registers.
+// Copies `pixels` elements from element `first` of planes [c0, c0 + lanes)
+// of image n (plane c at n * n_stride + c * c_stride) into
+// dst[pixel][b.blocks() * kLanes] as float; unused lanes hold copies of the
+// last channel (finite work that is never stored). c_stride 0 (a logit
+// shared across channels) copies one plane into every lane. Whole tiles of
+// kLanes pixels go through lane transposes in registers.
 template <typename src_t>
 void pack_planes(const src_t* src, int64_t n_stride, int64_t c_stride, const ChannelBlock& b,
-                 int64_t pixels, float* dst) {
-  const src_t* plane[kLanes];
-  for (int64_t c = 0; c < kLanes; ++c) {
-    plane[c] = src + b.n * n_stride + (b.c0 + std::min(c, b.lanes - 1)) * c_stride;
-  }
-  int64_t px = 0;
-  for (; px + kLanes <= pixels; px += kLanes) {
-    Lanes r[kLanes];
-    LIP_UNROLL
-    for (int c = 0; c < kLanes; ++c) {
-      // kLanes short interleaved streams: too many for the hardware prefetcher
-      __builtin_prefetch(plane[c] + px + 4 * kLanes);
-      r[c] = load_full(plane[c] + px);
-    }
-    transpose_tile(r);
-    LIP_UNROLL
-    for (int i = 0; i < kLanes; ++i) store(dst + (px + i) * kLanes, r[i]);
-  }
-  for (; px < pixels; ++px) {
+                 int64_t first, int64_t pixels, float* dst) {
+  const int64_t width = b.blocks() * kLanes;
+  for (int64_t j = 0; j < b.blocks(); ++j) {
+    const src_t* plane[kLanes];
     for (int64_t c = 0; c < kLanes; ++c) {
-      dst[px * kLanes + c] = static_cast<float>(plane[c][px]);
+      plane[c] = src + b.n * n_stride + (b.c0 + std::min(j * kLanes + c, b.lanes - 1)) * c_stride + first;
+    }
+    float* d = dst + j * kLanes;
+    int64_t px = 0;
+    for (; px + kLanes <= pixels; px += kLanes) {
+      Lanes r[kLanes];
+      LIP_UNROLL
+      for (int c = 0; c < kLanes; ++c) {
+        // kLanes short interleaved streams: too many for the hardware prefetcher
+        __builtin_prefetch(plane[c] + px + 4 * kLanes);
+        r[c] = load_full(plane[c] + px);
+      }
+      transpose_tile(r);
+      LIP_UNROLL
+      for (int i = 0; i < kLanes; ++i) store(d + (px + i) * width, r[i]);
+    }
+    for (; px < pixels; ++px) {
+      for (int64_t c = 0; c < kLanes; ++c) d[px * width + c] = static_cast<float>(plane[c][px]);
     }
   }
 }
 
 // The inverse of pack_planes for the lanes in use, into a dense NCHW tensor
-// (Stream: whole tiles stream past the cache, see stream_bits).
+// of C planes of plane_pixels (Stream: whole tiles stream past the cache,
+// see stream_bits).
 template <bool Stream, typename dst_t>
-void unpack_tiles(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst) {
-  int64_t px = 0;
-  for (; px + kLanes <= pixels; px += kLanes) {
-    Lanes r[kLanes];
-    LIP_UNROLL
-    for (int i = 0; i < kLanes; ++i) r[i] = load(src + (px + i) * kLanes);
-    transpose_tile(r);
-    LIP_UNROLL
-    for (int c = 0; c < kLanes; ++c) {
-      if (c < b.lanes) store_full(dst + (b.n * C + b.c0 + c) * pixels + px, r[c], Stream);
+void unpack_tiles(const float* src, const ChannelBlock& b, int64_t C, int64_t plane_pixels,
+                  int64_t first, int64_t pixels, dst_t* dst) {
+  const int64_t width = b.blocks() * kLanes;
+  for (int64_t j = 0; j < b.blocks(); ++j) {
+    const int64_t lanes = std::min<int64_t>(kLanes, b.lanes - j * kLanes);
+    dst_t* const planes = dst + (b.n * C + b.c0 + j * kLanes) * plane_pixels + first;
+    const float* s = src + j * kLanes;
+    int64_t px = 0;
+    for (; px + kLanes <= pixels; px += kLanes) {
+      Lanes r[kLanes];
+      LIP_UNROLL
+      for (int i = 0; i < kLanes; ++i) r[i] = load(s + (px + i) * width);
+      transpose_tile(r);
+      LIP_UNROLL
+      for (int c = 0; c < kLanes; ++c) {
+        if (c < lanes) store_full(planes + c * plane_pixels + px, r[c], Stream);
+      }
     }
-  }
-  for (int64_t c = 0; c < b.lanes; ++c) {
-    dst_t* plane = dst + (b.n * C + b.c0 + c) * pixels;
-    for (int64_t q = px; q < pixels; ++q) plane[q] = static_cast<dst_t>(src[q * kLanes + c]);
+    for (int64_t c = 0; c < lanes; ++c) {
+      for (int64_t q = px; q < pixels; ++q) planes[c * plane_pixels + q] = static_cast<dst_t>(s[q * width + c]);
+    }
   }
 }
 
 template <typename dst_t>
-void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t pixels, dst_t* dst,
-                   bool stream) {
+void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t plane_pixels, int64_t first,
+                   int64_t pixels, dst_t* dst, bool stream) {
   if (stream) {
-    unpack_tiles<true>(src, b, C, pixels, dst);
+    unpack_tiles<true>(src, b, C, plane_pixels, first, pixels, dst);
   } else {
-    unpack_tiles<false>(src, b, C, pixels, dst);
+    unpack_tiles<false>(src, b, C, plane_pixels, first, pixels, dst);
   }
 }
 
-// The blocks kernels fetch the next block's planes while they compute the
+// The blocks kernels fetch the next task's rows while they compute the
 // current one, where those are at most this many bytes: measured (float32,
 // 2 threads, inputs out of cache) backward 0.51 -> 0.31 ms at 1024x14x14
 // and 0.78 -> 0.62 ms at 512x28x28, but 0.65 -> 0.70 ms at 128x56x56,
 // whose 1 MiB per block (with the block's own scratch) outgrows the L2.
 constexpr int64_t kBlockPrefetchBytes = 384 * 1024;
 
-// Queues block b's planes of a dense NCHW tensor (C planes of `pixels`).
+// Queues elements [first, first + pixels) of task b's planes of a dense
+// NCHW tensor (C planes of plane_pixels): one range where they are whole
+// planes, side by side.
 template <typename T>
-void queue_block(PrefetchQueue& q, const T* data, const ChannelBlock& b, int64_t C, int64_t pixels,
-                 bool write = false) {
-  q.add(data + (b.n * C + b.c0) * pixels, b.lanes * pixels * int64_t(sizeof(T)), write);
+void queue_block(PrefetchQueue& q, const T* data, const ChannelBlock& b, int64_t C, int64_t plane_pixels,
+                 int64_t first, int64_t pixels, bool write = false) {
+  const T* p = data + (b.n * C + b.c0) * plane_pixels + first;
+  const int64_t bytes = pixels * int64_t(sizeof(T));
+  if (pixels == plane_pixels) {
+    q.add(p, b.lanes * bytes, write);
+  } else {
+    q.add(p, bytes, write, b.lanes, plane_pixels * int64_t(sizeof(T)));
+  }
 }
 
-// Queues block b's logit planes (one, where all channels share it).
+// The same for the logit (one plane, where all channels share it).
 template <typename l_t>
 void queue_block_logit(PrefetchQueue& q, const l_t* logit, const LogitStrides& ls, const ChannelBlock& b,
-                       int64_t pixels) {
-  q.add(logit + b.n * ls.n + b.c0 * ls.c, (ls.c != 0 ? b.lanes : 1) * pixels * int64_t(sizeof(l_t)));
+                       int64_t plane_pixels, int64_t first, int64_t pixels) {
+  const l_t* p = logit + b.n * ls.n + b.c0 * ls.c + first;
+  const int64_t bytes = pixels * int64_t(sizeof(l_t));
+  if (ls.c == 0) {
+    q.add(p, bytes);
+  } else if (pixels == plane_pixels) {
+    q.add(p, b.lanes * bytes);
+  } else {
+    q.add(p, bytes, false, b.lanes, ls.c * int64_t(sizeof(l_t)));
+  }
 }
 
-// Runs fn(block, next, scratch) over every (image, channel block) in
-// parallel; next is the block the same task runs next (nullptr if none).
-// Each task allocates its scratch of `scratch_floats` once, uninitialised,
-// and reuses it for all its blocks: a fresh zero-filled buffer per block
-// cost more in page faults than the arithmetic. stream: fn streams its
-// outputs (each task then ends with stream_fence).
+// Lane blocks per channel group of the blocks kernels, forward and
+// backward. On AVX2 the backward takes four, so that a pixel's work is four
+// lane vectors as in channels_last (packs of four exps, kGradPack):
+// measured on the Zen 1 VM (float32 contiguous, op calls, 2 threads, inputs
+// out of cache, three alternating runs, ms, one block vs four) 2x128x56x56
+// 3.10-3.49 vs 2.36-2.53, 2x512x28x28 2.82-2.84 vs 2.65-2.73, 2x512x14x14
+// 0.66-0.76 vs 0.49-0.56. Its forward stays at one (four: 2x128x56x56
+// 1.45-1.59 vs 1.36-1.44 ms), as do both directions of the AVX-512 and
+// baseline builds, as they were tuned: no machine here could measure them.
+constexpr int64_t kForwardGroupBlocks = 1;
+constexpr int64_t kBackwardGroupBlocks = LIP_CPU_ISA == 1 ? 4 : 1;
+static_assert(kForwardGroupBlocks <= kMaxStripBlocks, "forward_strip takes the group's blocks");
+static_assert(kBackwardGroupBlocks <= 4, "backward_planes unrolls up to 4 blocks");
+
+// Scratch a blocks task aims for: a band of rows of its group's planes,
+// lane-minor (whole planes where they fit, as the small planes of most
+// LIP-ResNet layers do), so that it stays in the L2 cache whatever the
+// plane size. 256 and 768 KiB measured within noise of this on the Zen 1
+// VM (its L2: 512 KiB a core).
+constexpr int64_t kForwardScratchBytes = 384 * 1024;
+constexpr int64_t kBackwardScratchBytes = 384 * 1024;
+
+// How the blocks kernels split a call: groups of channels, and bands of
+// each group's planes (whole strips of outputs forward, input rows
+// backward), band_rows each.
+struct BlockTasks {
+  int64_t group_channels, groups;  // per image
+  int64_t band, bands;             // per plane
+};
+
+BlockTasks block_tasks(const LipGeometry& g, bool forward) {
+  BlockTasks t;
+  const int64_t group_blocks = forward ? kForwardGroupBlocks : kBackwardGroupBlocks;
+  t.group_channels = std::min<int64_t>(group_blocks, (g.C + kLanes - 1) / kLanes) * kLanes;
+  t.groups = (g.C + t.group_channels - 1) / t.group_channels;
+  const int64_t pixel_bytes = t.group_channels * int64_t(sizeof(float));
+  if (forward) {
+    // a strip's new input rows (x, logit) and its outputs (y, reference, 1 / sum)
+    const int64_t strip_bytes = (kStripRows * g.sH * g.W * 2 + kStripRows * g.OW * 3) * pixel_bytes;
+    t.band = std::max<int64_t>(1, std::min(strip_count(g), kForwardScratchBytes / strip_bytes));
+    t.bands = (strip_count(g) + t.band - 1) / t.band;
+  } else {
+    // an input row (x, logit) and its share of the output rows' four arrays
+    const int64_t row_bytes = (2 * g.W + (4 * g.OW + g.sH - 1) / g.sH) * pixel_bytes;
+    t.band = std::max<int64_t>(std::min(g.H, std::max(g.kH, g.sH)),
+                               std::min(g.H, kBackwardScratchBytes / row_bytes));
+    t.bands = (g.H + t.band - 1) / t.band;
+  }
+  return t;
+}
+
+// The rows of band i: input rows [h0, h1), output rows [oh0, oh1).
+struct BandRows {
+  int64_t h0, h1, oh0, oh1;
+};
+
+BandRows forward_band(const LipGeometry& g, const BlockTasks& t, int64_t i) {
+  const int64_t s0 = i * t.band, s1 = std::min(strip_count(g), s0 + t.band);
+  const Strip first = strip_at(g, s0), last = strip_at(g, s1 - 1);
+  return {first.h0, last.h1, first.oh0, last.oh1};
+}
+
+// (oh0 >= oh1 where no output covers the band's rows)
+BandRows backward_band(const LipGeometry& g, const BlockTasks& t, int64_t i) {
+  BandRows r;
+  r.h0 = i * t.band;
+  r.h1 = std::min(g.H, r.h0 + t.band);
+  int64_t unused, last;
+  covering_outputs<int64_t>(r.h0, g.kH, g.sH, g.pH, g.OH, r.oh0, unused);
+  covering_outputs<int64_t>(r.h1 - 1, g.kH, g.sH, g.pH, g.OH, unused, last);
+  r.oh1 = std::max(r.oh0, last + 1);
+  return r;
+}
+
+// The most scratch floats a task of t needs: input rows x in_arrays and
+// output rows x out_arrays, group_channels floats a pixel. Bands between
+// the first and the last repeat with the first row's phase mod sH, so
+// sH + 1 of them are all the sizes there are.
+template <typename Band>
+int64_t band_scratch_floats(const LipGeometry& g, const BlockTasks& t, Band band, int64_t in_arrays,
+                            int64_t out_arrays) {
+  int64_t most = 0;
+  for (int64_t i = 0; i < t.bands; i = (i < g.sH + 1 || i + 1 == t.bands) ? i + 1 : t.bands - 1) {
+    const BandRows r = band(g, t, i);
+    most = std::max(most, (r.h1 - r.h0) * g.W * in_arrays + (r.oh1 - r.oh0) * g.OW * out_arrays);
+  }
+  return most * t.group_channels;
+}
+
+// Runs fn(block, band, next, next_band, scratch) over every (image, channel
+// group, band) in parallel; next is the task the same thread runs next
+// (nullptr if none). Each thread allocates its scratch of `scratch_floats`
+// once, uninitialised, and reuses it for all its tasks: a fresh zero-filled
+// buffer per task cost more in page faults than the arithmetic. stream: fn
+// streams its outputs (each thread then ends with stream_fence).
 //
 // The blocks kernels stream only where every output vector is a whole line
-// (float32 outputs, 16 lanes): a tile's kLanes stores go to kLanes planes,
-// so half lines would wait in kLanes write-combining buffers for their
-// other halves (the bfloat16 512x28x28 forward at batch 16 measured 1.84 ->
-// 2.01 ms streamed).
-template <typename... T>
-constexpr bool whole_line_vectors() {
-  return ((kLanes * sizeof(T) == 64) && ...);
-}
-
+// (float32 outputs, 16 lanes) and a task's planes are whole: a tile's kLanes
+// stores go to kLanes planes, so half lines would wait in kLanes
+// write-combining buffers for their other halves (the bfloat16 512x28x28
+// forward at batch 16 measured 1.84 -> 2.01 ms streamed).
 template <typename Fn>
-void for_each_block(const LipGeometry& g, int64_t scratch_floats, bool stream, Fn&& fn) {
-  const int64_t blocks_per_image = (g.C + kLanes - 1) / kLanes;
-  at::parallel_for(0, g.N * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+void for_each_block(const LipGeometry& g, const BlockTasks& t, int64_t scratch_floats, bool stream, Fn&& fn) {
+  const auto task_at = [&](int64_t i, ChannelBlock& b, int64_t& band) {
+    band = i % t.bands;
+    const int64_t group = (i / t.bands) % t.groups;
+    b.n = i / (t.bands * t.groups);
+    b.c0 = group * t.group_channels;
+    b.lanes = std::min(t.group_channels, g.C - b.c0);
+  };
+  at::parallel_for(0, g.N * t.groups * t.bands, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> scratch(new float[scratch_floats]);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / blocks_per_image;
-      const int64_t c0 = (i % blocks_per_image) * kLanes;
-      const int64_t n1 = (i + 1) / blocks_per_image, c1 = ((i + 1) % blocks_per_image) * kLanes;
-      const ChannelBlock next{n1, c1, std::min<int64_t>(kLanes, g.C - c1)};
-      fn(ChannelBlock{n, c0, std::min<int64_t>(kLanes, g.C - c0)}, i + 1 < end ? &next : nullptr,
-         scratch.get());
+      ChannelBlock b, next{};
+      int64_t band = 0, next_band = 0;
+      task_at(i, b, band);
+      if (i + 1 < end) task_at(i + 1, next, next_band);
+      fn(b, band, i + 1 < end ? &next : nullptr, next_band, scratch.get());
     }
     if (stream) cpu_math::stream_fence();
   });
 }
 
+template <typename... T>
+constexpr bool whole_line_vectors() {
+  return ((kLanes * sizeof(T) == 64) && ...);
+}
+
 template <typename x_t, typename l_t>
 void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  stream = stream && whole_line_vectors<x_t>() &&
+  const BlockTasks tasks = block_tasks(g, true);
+  stream = stream && tasks.bands == 1 && whole_line_vectors<x_t>() &&
            whole_lines({&t.out, &t.window_max, &t.inv_weight_sum}, g.OH * g.OW);
   const x_t* x_ptr = t.x.const_data_ptr<x_t>();
   const l_t* l_ptr = t.logit.const_data_ptr<l_t>();
@@ -1669,58 +1787,70 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
   float* inv_ptr = t.inv_weight_sum.mutable_data_ptr<float>();
   const int64_t in_pixels = g.H * g.W;
   const int64_t out_pixels = g.OH * g.OW;
-  const int64_t tile_floats = strip_scratch_floats(g, 1);
-  const int64_t scratch = (2 * in_pixels + 3 * out_pixels) * kLanes + tile_floats;
-  for_each_block(g, scratch, stream, [&](const ChannelBlock& b, const ChannelBlock* next_block, float* buffer) {
+  const int64_t ring_floats = strip_scratch_floats(g, tasks.group_channels / kLanes);
+  const int64_t scratch = band_scratch_floats(g, tasks, forward_band, 2, 3) + ring_floats;
+  for_each_block(g, tasks, scratch, stream,
+                 [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
+                     float* buffer) {
+    const BandRows r = forward_band(g, tasks, band);
+    const int64_t width = b.blocks() * kLanes;
+    const int64_t in_count = (r.h1 - r.h0) * g.W, out_count = (r.oh1 - r.oh0) * g.OW;
     float* xb = buffer;
-    float* lb = xb + in_pixels * kLanes;
-    float* yb = lb + in_pixels * kLanes;
-    float* maxb = yb + out_pixels * kLanes;
-    float* invb = maxb + out_pixels * kLanes;
-    float* tile = invb + out_pixels * kLanes;
-    pack_planes(x_ptr, g.C * in_pixels, in_pixels, b, in_pixels, xb);
-    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, in_pixels, lb);
-    // the next block's planes, spread over this block's strips
+    float* lb = xb + in_count * width;
+    float* yb = lb + in_count * width;
+    float* maxb = yb + out_count * width;
+    float* invb = maxb + out_count * width;
+    float* ring = invb + out_count * width;
+    pack_planes(x_ptr, g.C * in_pixels, in_pixels, b, r.h0 * g.W, in_count, xb);
+    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
+    // the next task's rows, spread over this task's strips
     PrefetchQueue next;
     if (next_block != nullptr) {
       const ChannelBlock& nb = *next_block;
-      queue_block(next, x_ptr, nb, g.C, in_pixels);
-      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels);
+      const BandRows nr = forward_band(g, tasks, next_band);
+      const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
+      queue_block(next, x_ptr, nb, g.C, in_pixels, nr.h0 * g.W, n_in);
+      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels, nr.h0 * g.W, n_in);
       if (!stream) {  // streamed lines must not be cached first
-        queue_block(next, out_ptr, nb, g.C, out_pixels, true);
-        queue_block(next, max_ptr, nb, g.C, out_pixels, true);
-        queue_block(next, inv_ptr, nb, g.C, out_pixels, true);
+        queue_block(next, out_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
+        queue_block(next, max_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
+        queue_block(next, inv_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
       }
       if (next.bytes() > kBlockPrefetchBytes) next.clear();
     }
-    const int lines_per_strip = static_cast<int>((next.lines_left() + strip_count(g) - 1) / strip_count(g));
-    for (int64_t s = 0; s < strip_count(g); ++s) {
+    const int64_t s0 = band * tasks.band, s1 = std::min(strip_count(g), s0 + tasks.band);
+    const int lines_per_strip = static_cast<int>((next.lines_left() + (s1 - s0) - 1) / (s1 - s0));
+    for (int64_t s = s0; s < s1; ++s) {
       next.step(lines_per_strip);
       StripData<float, float, float> d;
       d.x = xb;
       d.logit = lb;
-      d.x_row = d.l_row = g.W * kLanes;
-      d.x_pixel = d.l_pixel = kLanes;
+      d.h_origin = r.h0;
+      d.x_row = d.l_row = g.W * width;
+      d.x_pixel = d.l_pixel = width;
       d.logit_shared = false;  // pack_planes copied it into every lane
-      d.blocks = 1;
-      d.last_count = kLanes;
+      d.blocks = b.blocks();
+      d.last_count = kLanes;   // the lanes past C hold copies of the last channel
       d.out = yb;
       d.reference = maxb;
       d.inv = invb;
-      d.out_row = g.OW * kLanes;
-      d.out_pixel = kLanes;
-      forward_strip(g, strip_at(g, s), d, tile);
+      d.oh_origin = r.oh0;
+      d.out_row = g.OW * width;
+      d.out_pixel = width;
+      forward_strip(g, strip_at(g, s), d, ring);
     }
-    unpack_planes(yb, b, g.C, out_pixels, out_ptr, stream);
-    unpack_planes(maxb, b, g.C, out_pixels, max_ptr, stream);
-    unpack_planes(invb, b, g.C, out_pixels, inv_ptr, stream);
+    unpack_planes(yb, b, g.C, out_pixels, r.oh0 * g.OW, out_count, out_ptr, stream);
+    unpack_planes(maxb, b, g.C, out_pixels, r.oh0 * g.OW, out_count, max_ptr, stream);
+    unpack_planes(invb, b, g.C, out_pixels, r.oh0 * g.OW, out_count, inv_ptr, stream);
   });
 }
 
 template <typename x_t, typename l_t>
 void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  stream = stream && whole_line_vectors<x_t, l_t>() && whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
+  const BlockTasks tasks = block_tasks(g, false);
+  stream = stream && tasks.bands == 1 && whole_line_vectors<x_t, l_t>() &&
+           whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
   const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
       backward_pointers<x_t, l_t>(t);
   const int64_t in_pixels = g.H * g.W;
@@ -1728,45 +1858,54 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
   // dx and dlogit replace x and the logit in the scratch (each pixel reads
   // only its own): at 128x56x56 the scratch is then 0.6 MiB, not 1 MiB,
   // and stays in the L2 cache
-  const int64_t scratch = (2 * in_pixels + 4 * out_pixels) * kLanes;
-  for_each_block(g, scratch, stream, [&](const ChannelBlock& b, const ChannelBlock* next_block, float* buffer) {
+  const int64_t scratch = band_scratch_floats(g, tasks, backward_band, 2, 4);
+  for_each_block(g, tasks, scratch, stream,
+                 [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
+                     float* buffer) {
+    const BandRows r = backward_band(g, tasks, band);
+    const int64_t width = b.blocks() * kLanes;
+    const int64_t in_count = (r.h1 - r.h0) * g.W, out_count = (r.oh1 - r.oh0) * g.OW;
     float* xb = buffer;
-    float* lb = xb + in_pixels * kLanes;
-    float* gb = lb + in_pixels * kLanes;
-    float* yb = gb + out_pixels * kLanes;
-    float* maxb = yb + out_pixels * kLanes;
-    float* invb = maxb + out_pixels * kLanes;
-    const int64_t x_n = g.C * in_pixels, o_n = g.C * out_pixels;
-    pack_planes(x_ptr, x_n, in_pixels, b, in_pixels, xb);
-    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, in_pixels, lb);
-    pack_planes(g_ptr, o_n, out_pixels, b, out_pixels, gb);
-    pack_planes(y_ptr, o_n, out_pixels, b, out_pixels, yb);
-    pack_planes(max_ptr, o_n, out_pixels, b, out_pixels, maxb);
-    pack_planes(inv_ptr, o_n, out_pixels, b, out_pixels, invb);
-    // the next block's planes, spread over this block's pixels
+    float* lb = xb + in_count * width;
+    float* gb = lb + in_count * width;
+    float* yb = gb + out_count * width;
+    float* maxb = yb + out_count * width;
+    float* invb = maxb + out_count * width;
+    const int64_t x_n = g.C * in_pixels, o_n = g.C * out_pixels, o_first = r.oh0 * g.OW;
+    pack_planes(x_ptr, x_n, in_pixels, b, r.h0 * g.W, in_count, xb);
+    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
+    pack_planes(g_ptr, o_n, out_pixels, b, o_first, out_count, gb);
+    pack_planes(y_ptr, o_n, out_pixels, b, o_first, out_count, yb);
+    pack_planes(max_ptr, o_n, out_pixels, b, o_first, out_count, maxb);
+    pack_planes(inv_ptr, o_n, out_pixels, b, o_first, out_count, invb);
+    // the next task's rows, spread over this task's pixels
     PrefetchQueue next;
     if (next_block != nullptr) {
       const ChannelBlock& nb = *next_block;
-      queue_block(next, x_ptr, nb, g.C, in_pixels);
-      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels);
-      queue_block(next, g_ptr, nb, g.C, out_pixels);
-      queue_block(next, y_ptr, nb, g.C, out_pixels);
-      queue_block(next, max_ptr, nb, g.C, out_pixels);
-      queue_block(next, inv_ptr, nb, g.C, out_pixels);
+      const BandRows nr = backward_band(g, tasks, next_band);
+      const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
+      const int64_t n_first = nr.h0 * g.W, n_o_first = nr.oh0 * g.OW;
+      queue_block(next, x_ptr, nb, g.C, in_pixels, n_first, n_in);
+      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels, n_first, n_in);
+      queue_block(next, g_ptr, nb, g.C, out_pixels, n_o_first, n_out);
+      queue_block(next, y_ptr, nb, g.C, out_pixels, n_o_first, n_out);
+      queue_block(next, max_ptr, nb, g.C, out_pixels, n_o_first, n_out);
+      queue_block(next, inv_ptr, nb, g.C, out_pixels, n_o_first, n_out);
       if (!stream) {  // streamed lines must not be cached first
-        queue_block(next, gx_ptr, nb, g.C, in_pixels, true);
-        queue_block(next, gl_ptr, nb, g.C, in_pixels, true);
+        queue_block(next, gx_ptr, nb, g.C, in_pixels, n_first, n_in, true);
+        queue_block(next, gl_ptr, nb, g.C, in_pixels, n_first, n_in, true);
       }
       if (next.bytes() > kBlockPrefetchBytes) next.clear();
     }
-    const int lines_per_pixel = static_cast<int>((next.lines_left() + in_pixels - 1) / in_pixels);
-    for (int64_t h = 0; h < g.H; ++h) {
+    const int lines_per_pixel = static_cast<int>((next.lines_left() + in_count - 1) / in_count);
+    const int64_t o_row = g.OW * width;
+    for (int64_t h = r.h0; h < r.h1; ++h) {
       int64_t oh0, oh1;
       covering_outputs<int64_t>(h, g.kH, g.sH, g.pH, g.OH, oh0, oh1);
       for (int64_t w = 0; w < g.W; ++w) {
         int64_t ow0, ow1;
         covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
-        const int64_t i = (h * g.W + w) * kLanes;
+        const int64_t i = ((h - r.h0) * g.W + w) * width;
         next.step(lines_per_pixel);
         const int64_t noh = oh1 - oh0 + 1, now = ow1 - ow0 + 1;
         if (noh >= 1 && noh <= 2 && now >= 1 && now <= 2) {
@@ -1774,28 +1913,39 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
           // float32, 2 threads, out of cache, 6 alternating runs: 56x56
           // planes 6-9% faster (0.494 -> 0.450 ms at 128 channels), 28x28
           // and 14x14 within 2%
-          const int64_t o = (oh0 * g.OW + ow0) * kLanes;
-          grads_covered<1>(noh, now, xb + i, lb + i, gb + o, yb + o, maxb + o, invb + o, g.OW * kLanes,
-                           kLanes, xb + i, lb + i, false);
+          const int64_t o = ((oh0 - r.oh0) * g.OW + ow0) * width;
+          const auto covered = [&](auto blocks) {
+            grads_covered<decltype(blocks)::value>(noh, now, xb + i, lb + i, gb + o, yb + o, maxb + o, invb + o,
+                                                   o_row, width, xb + i, lb + i, false);
+          };
+          switch (b.blocks()) {
+            case 1: covered(std::integral_constant<int, 1>()); break;
+            // (the builds with groups of one block instantiate only that)
+            case 2: covered(std::integral_constant<int, std::min<int>(2, kBackwardGroupBlocks)>()); break;
+            case 3: covered(std::integral_constant<int, std::min<int>(3, kBackwardGroupBlocks)>()); break;
+            default: covered(std::integral_constant<int, kBackwardGroupBlocks>()); break;
+          }
           continue;
         }
-        Lanes dx, dl;
-        gather_grads(
-            oh0, oh1, ow0, ow1, load(xb + i), load(lb + i),
-            [&](int64_t oh, int64_t ow, Lanes& go, Lanes& y, Lanes& m, Lanes& inv) {
-              const int64_t o = (oh * g.OW + ow) * kLanes;
-              go = load(gb + o);
-              y = load(yb + o);
-              m = load(maxb + o);
-              inv = load(invb + o);
-            },
-            dx, dl);
-        store(xb + i, dx);
-        store(lb + i, dl);
+        for (int64_t j = 0; j < b.blocks(); ++j) {
+          Lanes dx, dl;
+          gather_grads(
+              oh0, oh1, ow0, ow1, load(xb + i + j * kLanes), load(lb + i + j * kLanes),
+              [&](int64_t oh, int64_t ow, Lanes& go, Lanes& y, Lanes& m, Lanes& inv) {
+                const int64_t o = ((oh - r.oh0) * g.OW + ow) * width + j * kLanes;
+                go = load(gb + o);
+                y = load(yb + o);
+                m = load(maxb + o);
+                inv = load(invb + o);
+              },
+              dx, dl);
+          store(xb + i + j * kLanes, dx);
+          store(lb + i + j * kLanes, dl);
+        }
       }
     }
-    unpack_planes(xb, b, g.C, in_pixels, gx_ptr, stream);
-    unpack_planes(lb, b, g.C, in_pixels, gl_ptr, stream);
+    unpack_planes(xb, b, g.C, in_pixels, r.h0 * g.W, in_count, gx_ptr, stream);
+    unpack_planes(lb, b, g.C, in_pixels, r.h0 * g.W, in_count, gl_ptr, stream);
   });
 }
 
@@ -2073,17 +2223,50 @@ void backward_gather(const BackwardTensors& t, const CallGeometry& cg, const Gat
 // here), and its name for _lip2d_last_kernel.
 enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows, PlanesGather };
 
+// The blocks kernels by default only for planes up to kMaxBlockPixels,
+// and only where they fill more lanes than rows would. Measured (AVX-512,
+// one thread, batch 2, float32 forward+backward, ms, blocks vs rows):
+// 128x56x56 3.2 vs 3.8, 64x112x112 5.8 vs 5.9, so the bigger planes stayed
+// on rows. On AVX2 the blocks forward takes bigger planes too, in bands of
+// rows: measured on the Zen 1 VM (2 threads, float32, op calls, ms, blocks
+// vs rows) 2x64x112x112 2.55-2.59 vs 3.26-3.79, 1x8x224x224 0.63-0.72 vs
+// 0.76-0.90, 1x32x112x112 0.62-0.83 vs 0.81-0.97; the gather backward
+// stays faster there than the blocks one (4.03-4.08 vs 4.48-4.92,
+// 1.02-1.19 vs 1.44-1.51, 1.01-1.21 vs 1.15-1.46).
+constexpr int64_t kMaxBlockPixels = 64 * 64;
+constexpr bool kForwardBlocksAnySize = LIP_CPU_ISA == 1;
+// A blocks task's scratch, at most (its smallest band: one strip, or kH
+// input rows): planes with longer rows take the rows kernels, forced or not.
+constexpr int64_t kMaxBlockScratchBytes = int64_t(4) << 20;
+
+bool use_blocks(const LipGeometry& g, bool forward) {
+  const std::string forced = forced_planes_kernel();
+  if (forced == "rows") return false;
+  // the rows kernels always work
+  const BlockTasks t = block_tasks(g, forward);
+  const int64_t floats = forward ? band_scratch_floats(g, t, forward_band, 2, 3) +
+                                       strip_scratch_floats(g, t.group_channels / kLanes)
+                                 : band_scratch_floats(g, t, backward_band, 2, 4);
+  if (floats * int64_t(sizeof(float)) > kMaxBlockScratchBytes) return false;
+  if (forced == "blocks") return true;
+  if (g.H * g.W > kMaxBlockPixels && !(forward && kForwardBlocksAnySize)) return false;
+  const auto fill = [](int64_t n) {
+    return static_cast<double>(n) / static_cast<double>(round_up(n, kLanes));
+  };
+  return fill(g.C) > fill(g.OW);
+}
+
 CpuKernel cpu_kernel_for(const CallGeometry& cg) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
-  return use_blocks(cg.g) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+  return use_blocks(cg.g, true) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
 }
 
 // The backward's kernel: the gather one where it is the default (or where
 // LIP_CUDA_CPU_PLANES=gather asks for it) and it takes the geometry, else
 // the forward's. Fills gc only then: its tables cost host time per column.
 CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, GatherColumns& gc) {
-  const CpuKernel kernel = cpu_kernel_for(cg);
-  if (kernel == CpuKernel::ChannelsLast) return kernel;
+  if (cg.channels_last) return CpuKernel::ChannelsLast;
+  const CpuKernel kernel = use_blocks(cg.g, false) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
   const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
   if (planes != "gather" && !(kernel == CpuKernel::PlanesRows && gather_by_default(cg.g))) return kernel;

@@ -111,6 +111,11 @@ LAYOUT_GEOMETRIES = [
     ((2, 18, 9, 40), (1, 4), (1, 2), (0, 2), False),
     ((1, 19, 16, 16), 2, 2, 0, True),
     ((1, 17, 33, 12), (7, 2), (3, 1), (3, 1), False),
+    # wide enough rows that the blocks kernels split the planes into bands
+    # of rows (forward strips, backward input rows) and their channels into
+    # a full group and a partial one
+    ((1, 37, 23, 200), 3, 2, 1, False),
+    ((1, 21, 30, 150), (5, 3), (3, 2), (2, 1), True),
 ]
 
 
