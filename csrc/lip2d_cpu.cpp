@@ -1669,8 +1669,8 @@ constexpr int64_t kForwardScratchBytes = 384 * 1024;
 constexpr int64_t kBackwardScratchBytes = 384 * 1024;
 
 // How the blocks kernels split a call: groups of channels, and bands of
-// each group's planes (whole strips of outputs forward, input rows
-// backward), band_rows each.
+// each group's planes, `band` strips of outputs (forward) or `band` input
+// rows (backward) each.
 struct BlockTasks {
   int64_t group_channels, groups;  // per image
   int64_t band, bands;             // per plane
