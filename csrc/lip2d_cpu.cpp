@@ -1735,6 +1735,31 @@ int64_t band_scratch_floats(const LipGeometry& g, const BlockTasks& t, Band band
   return most * t.group_channels;
 }
 
+// Task b's band of rows and its lane-minor arrays in the task's scratch:
+// in_arrays arrays of the band's input rows, then arrays of its output rows.
+struct BandBuffers {
+  BandRows rows;
+  int64_t width, in_count, out_count;  // floats a pixel; input and output pixels
+  float* scratch;
+  int64_t in_arrays;
+  float* in(int64_t k) const { return scratch + k * in_count * width; }
+  float* out(int64_t k) const { return in(in_arrays) + k * out_count * width; }
+};
+
+inline BandBuffers band_buffers(const LipGeometry& g, const BandRows& r, const ChannelBlock& b,
+                                int64_t in_arrays, float* scratch) {
+  return {r, b.blocks() * kLanes, (r.h1 - r.h0) * g.W, (r.oh1 - r.oh0) * g.OW, scratch, in_arrays};
+}
+
+// Queues the input rows (x and the logit) of task b's band r.
+template <typename x_t, typename l_t>
+void queue_band_inputs(PrefetchQueue& q, const LipGeometry& g, const x_t* x, const l_t* logit,
+                       const LogitStrides& ls, const ChannelBlock& b, const BandRows& r) {
+  const int64_t first = r.h0 * g.W, count = (r.h1 - r.h0) * g.W;
+  queue_block(q, x, b, g.C, g.H * g.W, first, count);
+  queue_block_logit(q, logit, ls, b, g.H * g.W, first, count);
+}
+
 // Runs fn(block, band, next, next_band, scratch) over every (image, channel
 // group, band) in parallel; next is the task the same thread runs next
 // (nullptr if none). Each thread allocates its scratch of `scratch_floats`
@@ -1792,15 +1817,11 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
   for_each_block(g, tasks, scratch, stream,
                  [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
                      float* buffer) {
-    const BandRows r = forward_band(g, tasks, band);
-    const int64_t width = b.blocks() * kLanes;
-    const int64_t in_count = (r.h1 - r.h0) * g.W, out_count = (r.oh1 - r.oh0) * g.OW;
-    float* xb = buffer;
-    float* lb = xb + in_count * width;
-    float* yb = lb + in_count * width;
-    float* maxb = yb + out_count * width;
-    float* invb = maxb + out_count * width;
-    float* ring = invb + out_count * width;
+    const BandBuffers bb = band_buffers(g, forward_band(g, tasks, band), b, 2, buffer);
+    const BandRows& r = bb.rows;
+    const int64_t width = bb.width, in_count = bb.in_count, out_count = bb.out_count;
+    float *xb = bb.in(0), *lb = bb.in(1);
+    float *yb = bb.out(0), *maxb = bb.out(1), *invb = bb.out(2), *ring = bb.out(3);
     pack_planes(x_ptr, g.C * in_pixels, in_pixels, b, r.h0 * g.W, in_count, xb);
     pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
     // the next task's rows, spread over this task's strips
@@ -1808,9 +1829,8 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
     if (next_block != nullptr) {
       const ChannelBlock& nb = *next_block;
       const BandRows nr = forward_band(g, tasks, next_band);
-      const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
-      queue_block(next, x_ptr, nb, g.C, in_pixels, nr.h0 * g.W, n_in);
-      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels, nr.h0 * g.W, n_in);
+      const int64_t n_out = (nr.oh1 - nr.oh0) * g.OW;
+      queue_band_inputs(next, g, x_ptr, l_ptr, cg.ls, nb, nr);
       if (!stream) {  // streamed lines must not be cached first
         queue_block(next, out_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
         queue_block(next, max_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
@@ -1862,15 +1882,11 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
   for_each_block(g, tasks, scratch, stream,
                  [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
                      float* buffer) {
-    const BandRows r = backward_band(g, tasks, band);
-    const int64_t width = b.blocks() * kLanes;
-    const int64_t in_count = (r.h1 - r.h0) * g.W, out_count = (r.oh1 - r.oh0) * g.OW;
-    float* xb = buffer;
-    float* lb = xb + in_count * width;
-    float* gb = lb + in_count * width;
-    float* yb = gb + out_count * width;
-    float* maxb = yb + out_count * width;
-    float* invb = maxb + out_count * width;
+    const BandBuffers bb = band_buffers(g, backward_band(g, tasks, band), b, 2, buffer);
+    const BandRows& r = bb.rows;
+    const int64_t width = bb.width, in_count = bb.in_count, out_count = bb.out_count;
+    float *xb = bb.in(0), *lb = bb.in(1);
+    float *gb = bb.out(0), *yb = bb.out(1), *maxb = bb.out(2), *invb = bb.out(3);
     const int64_t x_n = g.C * in_pixels, o_n = g.C * out_pixels, o_first = r.oh0 * g.OW;
     pack_planes(x_ptr, x_n, in_pixels, b, r.h0 * g.W, in_count, xb);
     pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
@@ -1885,8 +1901,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
       const BandRows nr = backward_band(g, tasks, next_band);
       const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
       const int64_t n_first = nr.h0 * g.W, n_o_first = nr.oh0 * g.OW;
-      queue_block(next, x_ptr, nb, g.C, in_pixels, n_first, n_in);
-      queue_block_logit(next, l_ptr, cg.ls, nb, in_pixels, n_first, n_in);
+      queue_band_inputs(next, g, x_ptr, l_ptr, cg.ls, nb, nr);
       queue_block(next, g_ptr, nb, g.C, out_pixels, n_o_first, n_out);
       queue_block(next, y_ptr, nb, g.C, out_pixels, n_o_first, n_out);
       queue_block(next, max_ptr, nb, g.C, out_pixels, n_o_first, n_out);
