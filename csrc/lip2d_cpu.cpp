@@ -275,6 +275,12 @@ inline void tile_sums(const float* const* e_rows, const float* const* ex_rows, i
 // builds keep one vector at a time: no machine here could measure them.
 constexpr int kWeightPack = LIP_CPU_ISA == 1 ? 4 : 1;
 constexpr int kGradPack = LIP_CPU_ISA == 1 ? 4 : 1;
+// Whether grads_unrolled computes one exp for covering outputs that share a
+// reference. On the Zen 1 AVX2 VM, where the backward is bound by its
+// arithmetic, it made it 8-17% faster (docs/kernels.md); on the AVX-512 VM
+// (Zen 5), bound by memory, the same idea measured no faster at most layers
+// and slower at the stem, so the other builds keep one exp per output.
+constexpr bool kShareTapExps = LIP_CPU_ISA == 1;
 
 // How far ahead forward_strip's first pass fetches logits.
 constexpr int64_t kPrefetchPixels = 8;
@@ -671,7 +677,50 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
       dl[q][i] = splat(0.0f);
     }
   }
-  if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
+  // Where every covering output weighs its taps relative to the same
+  // reference (all outputs of one tile-form strip, in every lane and block),
+  // exp(l_i - m_o) is one exp for all of them: the same bits as one each.
+  // Not for a lone block, whose interleaved exps below measured as fast;
+  // AVX2 only (kShareTapExps).
+  bool shared = false;
+  if constexpr (kShareTapExps && NOH * NOW > 1 && NB > 1) {
+    cpu_math::LaneInts same = cpu_math::LaneInts{} == 0;
+    LIP_UNROLL
+    for (int t = 1; t < NOH * NOW; ++t) {
+      const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
+      LIP_UNROLL
+      for (int b = 0; b < NB; ++b) same &= load(mo + off + b * kLanes) == load(mo + b * kLanes);
+    }
+    shared = cpu_math::all_set(same);
+  }
+  if (shared) {
+    V e[NB / P];
+    LIP_UNROLL
+    for (int q = 0; q < NB / P; ++q) {
+      V mv;
+      LIP_UNROLL
+      for (int i = 0; i < P; ++i) mv[i] = load(mo + (q * P + i) * kLanes);
+      e[q] = PackStep<P>::tap_weight(lv[q], mv);
+    }
+    LIP_UNROLL
+    for (int a = 0; a < NOH; ++a) {
+      LIP_UNROLL
+      for (int c = 0; c < NOW; ++c) {
+        LIP_UNROLL
+        for (int q = 0; q < NB / P; ++q) {
+          V gv, yv, iv;
+          LIP_UNROLL
+          for (int i = 0; i < P; ++i) {
+            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
+            gv[i] = load_full(go + off);
+            yv[i] = load_full(yo + off);
+            iv[i] = load(invo + off);
+          }
+          PackStep<P>::grad_weight_tap(e[q], xv[q], gv, yv, iv, dx[q], dl[q]);
+        }
+      }
+    }
+  } else if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
     // one lane block: its covering outputs' exps interleaved instead, all
     // of them first, then the taps in grad_tap's order (the same bits)
     constexpr int T = NOH * NOW;
