@@ -693,6 +693,28 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
     }
     shared = cpu_math::all_set(same);
   }
+  // every (covering output, pack) in grad_tap's order, its four values loaded
+  const auto for_each_tap = [&](auto&& tap) {
+    LIP_UNROLL
+    for (int a = 0; a < NOH; ++a) {
+      LIP_UNROLL
+      for (int c = 0; c < NOW; ++c) {
+        LIP_UNROLL
+        for (int q = 0; q < NB / P; ++q) {
+          V gv, yv, mv, iv;
+          LIP_UNROLL
+          for (int i = 0; i < P; ++i) {
+            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
+            gv[i] = load_full(go + off);
+            yv[i] = load_full(yo + off);
+            mv[i] = load(mo + off);
+            iv[i] = load(invo + off);
+          }
+          tap(q, gv, yv, mv, iv);
+        }
+      }
+    }
+  };
   if (shared) {
     V e[NB / P];
     LIP_UNROLL
@@ -702,24 +724,9 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
       for (int i = 0; i < P; ++i) mv[i] = load(mo + (q * P + i) * kLanes);
       e[q] = PackStep<P>::tap_weight(lv[q], mv);
     }
-    LIP_UNROLL
-    for (int a = 0; a < NOH; ++a) {
-      LIP_UNROLL
-      for (int c = 0; c < NOW; ++c) {
-        LIP_UNROLL
-        for (int q = 0; q < NB / P; ++q) {
-          V gv, yv, iv;
-          LIP_UNROLL
-          for (int i = 0; i < P; ++i) {
-            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
-            gv[i] = load_full(go + off);
-            yv[i] = load_full(yo + off);
-            iv[i] = load(invo + off);
-          }
-          PackStep<P>::grad_weight_tap(e[q], xv[q], gv, yv, iv, dx[q], dl[q]);
-        }
-      }
-    }
+    for_each_tap([&](int q, const V& gv, const V& yv, const V&, const V& iv) {
+      PackStep<P>::grad_weight_tap(e[q], xv[q], gv, yv, iv, dx[q], dl[q]);
+    });
   } else if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
     // one lane block: its covering outputs' exps interleaved instead, all
     // of them first, then the taps in grad_tap's order (the same bits)
@@ -738,25 +745,9 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
                             load(invo + off), dx[0][0], dl[0][0]);
     }
   } else {
-    LIP_UNROLL
-    for (int a = 0; a < NOH; ++a) {
-      LIP_UNROLL
-      for (int c = 0; c < NOW; ++c) {
-        LIP_UNROLL
-        for (int q = 0; q < NB / P; ++q) {
-          V gv, yv, mv, iv;
-          LIP_UNROLL
-          for (int i = 0; i < P; ++i) {
-            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
-            gv[i] = load_full(go + off);
-            yv[i] = load_full(yo + off);
-            mv[i] = load(mo + off);
-            iv[i] = load(invo + off);
-          }
-          PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
-        }
-      }
-    }
+    for_each_tap([&](int q, const V& gv, const V& yv, const V& mv, const V& iv) {
+      PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
+    });
   }
   LIP_UNROLL
   for (int q = 0; q < NB / P; ++q) {
