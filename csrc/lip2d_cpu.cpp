@@ -1800,6 +1800,16 @@ void queue_band_inputs(PrefetchQueue& q, const LipGeometry& g, const x_t* x, con
   queue_block_logit(q, logit, ls, b, g.H * g.W, first, count);
 }
 
+// Transposes the input rows (x and the logit) of task b's band into its
+// first two lane-minor buffers.
+template <typename x_t, typename l_t>
+void pack_band_inputs(const LipGeometry& g, const x_t* x, const l_t* logit, const LogitStrides& ls,
+                      const ChannelBlock& b, const BandBuffers& bb) {
+  const int64_t first = bb.rows.h0 * g.W;
+  pack_planes(x, g.C * g.H * g.W, g.H * g.W, b, first, bb.in_count, bb.in(0));
+  pack_planes(logit, ls.n, ls.c, b, first, bb.in_count, bb.in(1));
+}
+
 // Runs fn(block, band, next, next_band, scratch) over every (image, channel
 // group, band) in parallel; next is the task the same thread runs next
 // (nullptr if none). Each thread allocates its scratch of `scratch_floats`
@@ -1850,7 +1860,6 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
   x_t* out_ptr = t.out.mutable_data_ptr<x_t>();
   float* max_ptr = t.window_max.mutable_data_ptr<float>();
   float* inv_ptr = t.inv_weight_sum.mutable_data_ptr<float>();
-  const int64_t in_pixels = g.H * g.W;
   const int64_t out_pixels = g.OH * g.OW;
   const int64_t ring_floats = strip_scratch_floats(g, tasks.group_channels / kLanes);
   const int64_t scratch = band_scratch_floats(g, tasks, forward_band, 2, 3) + ring_floats;
@@ -1859,11 +1868,10 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
                      float* buffer) {
     const BandBuffers bb = band_buffers(g, forward_band(g, tasks, band), b, 2, buffer);
     const BandRows& r = bb.rows;
-    const int64_t width = bb.width, in_count = bb.in_count, out_count = bb.out_count;
+    const int64_t width = bb.width, out_count = bb.out_count;
     float *xb = bb.in(0), *lb = bb.in(1);
     float *yb = bb.out(0), *maxb = bb.out(1), *invb = bb.out(2), *ring = bb.out(3);
-    pack_planes(x_ptr, g.C * in_pixels, in_pixels, b, r.h0 * g.W, in_count, xb);
-    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
+    pack_band_inputs(g, x_ptr, l_ptr, cg.ls, b, bb);
     // the next task's rows, spread over this task's strips
     PrefetchQueue next;
     if (next_block != nullptr) {
@@ -1927,9 +1935,8 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
     const int64_t width = bb.width, in_count = bb.in_count, out_count = bb.out_count;
     float *xb = bb.in(0), *lb = bb.in(1);
     float *gb = bb.out(0), *yb = bb.out(1), *maxb = bb.out(2), *invb = bb.out(3);
-    const int64_t x_n = g.C * in_pixels, o_n = g.C * out_pixels, o_first = r.oh0 * g.OW;
-    pack_planes(x_ptr, x_n, in_pixels, b, r.h0 * g.W, in_count, xb);
-    pack_planes(l_ptr, cg.ls.n, cg.ls.c, b, r.h0 * g.W, in_count, lb);
+    const int64_t o_n = g.C * out_pixels, o_first = r.oh0 * g.OW;
+    pack_band_inputs(g, x_ptr, l_ptr, cg.ls, b, bb);
     pack_planes(g_ptr, o_n, out_pixels, b, o_first, out_count, gb);
     pack_planes(y_ptr, o_n, out_pixels, b, o_first, out_count, yb);
     pack_planes(max_ptr, o_n, out_pixels, b, o_first, out_count, maxb);
