@@ -1,7 +1,7 @@
 """Every ```python block of README.md runs as written, each in a fresh interpreter.
 
 The blocks pick their device themselves (CUDA when visible, else the CPU).
-Each runs in its own subprocess, with a timeout, from a temporary directory,
+Each runs in its own subprocess, with a timeout, from a temporary directory (also its TMPDIR),
 with the repository on PYTHONPATH (for an in-place build). The bash blocks
 are checked for what can be checked without running them: the scripts and
 options they name exist, and no command writes over a committed results file.
@@ -42,7 +42,10 @@ def test_python_block_runs(line: int, code: str, tmp_path: Path) -> None:
         pytest.importorskip("onnxruntime")  # the block needs the [onnx] extra
     script = tmp_path / "block.py"
     script.write_text(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # TMPDIR: what a block saves with tempfile (a 92 MB checkpoint, an ONNX
+    # file) goes under pytest's tmp_path, which pytest prunes, not into /tmp.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"README.md block at line {line} failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
