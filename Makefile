@@ -67,7 +67,7 @@ $(TDEPS): $(VENV)/.pkgs-test $(DEPS)
 
 # The build prints one line per compiled file (the full log is in .venv/build.log).
 $(BUILT): $(DEPS) setup.py cuda_toolkit.py pyproject.toml $(wildcard csrc/*)
-	@echo "Building lip_cuda (on 2 cores: about 0.5-1 min CPU-only, 1-2 min with the CUDA kernels) ..."
+	@echo "Building lip_cuda (on 2 cores: about 6 min, with or without the CUDA kernels) ..."
 	$(PIP) install --no-build-isolation -v -e . 2>&1 | tee $(VENV)/build.log \
 	  | sed -unE -e 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) -o .*#  \1 compiling \2#p' -e '/^lip_cuda setup:/p' -e '/error:/p'
 	$(VPY) -c "import lip_cuda; print('lip_cuda built; CUDA kernels:', lip_cuda.built_with_cuda())"
