@@ -66,25 +66,21 @@ inline Lanes select(LaneInts mask, Lanes a, Lanes b) {
   return out;
 }
 
-// 0 where mask is set, else v: one AND-NOT. The same bits as
-// select(mask, splat(0.0f), v), but a blend is two micro-ops on the two
-// pipes that Zen 1 also needs for every FMA, and a logic operation runs
-// on any of its four (the float32 exp alone, four vectors at a time in a
-// loop in L1: 22.5 -> 21.2 cycles a vector with this and max_lanes'
-// clamp in exp_lanes; 21.6 with the integer form below).
+// 0 where mask is set, else v: select(mask, splat(0.0f), v). On AVX2 an
+// AND-NOT (VANDNPS) instead of the blend GCC emits there: a blend is two
+// micro-ops on the two pipes that Zen 1 also needs for every FMA, a logic
+// operation runs on any of its four (the float32 exp alone, four vectors
+// at a time in a loop in L1: 22.5 -> 21.2 cycles a vector with this and
+// max_lanes' clamp in exp_lanes; 21.6 with the integer VPANDN that GCC
+// makes of plain bit operations). Elsewhere the select: a zero-masked move
+// on AVX-512, bit operations on the baseline.
 inline Lanes zero_where(LaneInts mask, Lanes v) {
 #if LIP_CPU_ISA == 1
-  // the float form: GCC emits the bit operations below as the integer
-  // VPANDN, which costs Zen 1 a bypass cycle between FP operations
   return reinterpret_cast<Lanes>(
       _mm256_andnot_ps(reinterpret_cast<__m256>(mask), reinterpret_cast<__m256>(v)));
+#else
+  return select(mask, splat(0.0f), v);
 #endif
-  LaneInts bits;
-  std::memcpy(&bits, &v, sizeof(v));
-  bits &= ~mask;
-  Lanes out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
 }
 
 // All-ones in the lanes l with lo <= l < hi, zero elsewhere.
