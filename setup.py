@@ -92,7 +92,8 @@ def openmp_flags() -> list:
 def extension():
     isa_sources = cpu_isa_sources()
     sources = [f"{CSRC}/{name}" for name in (
-        "module.cpp", "lip2d.cpp", "lip2d_autograd.cpp", "lip2d_cpu.cpp", "lip2d_emulate.cpp")]
+        "module.cpp", "lip2d.cpp", "lip2d_autograd.cpp", "lip2d_cpu.cpp", "lip2d_cpu_launch.cpp",
+        "lip2d_emulate.cpp")]
     sources += isa_sources
     macros = [("LIP_CPU_ISA_BUILDS", None)] if isa_sources else []
     if any(name.endswith("avx512bf16.cpp") for name in isa_sources):

@@ -1,0 +1,195 @@
+// What every CPU kernel shares: the lane types and window steps it calls,
+// one window and one input pixel over all lanes, the typed pointers of a
+// backward call, software prefetch, and when streaming stores pay. Part
+// of the per-ISA kernels: see lip2d_cpu.cpp.
+#pragma once
+
+// Like every lip_cpu_ header, included by lip2d_cpu.cpp once per instruction
+// set, after the torch and standard headers and its "#pragma GCC target":
+// no system header here, whose inline functions would then be compiled for
+// that instruction set (lip_cpu_math.h checks LIP_CPU_ISA and LIP_CPU_NS).
+#include "lip_kernels.h"
+#include "lip_cpu_lanes_io.h"
+#include "lip_cpu_math.h"
+
+namespace lip_cuda {
+namespace LIP_CPU_NS {
+namespace {
+
+using cpu_math::kLanes;
+using cpu_math::LaneInts;
+using cpu_math::Lanes;
+using cpu_math::load_full;
+using cpu_math::store_full;
+using cpu_math::load;
+using cpu_math::load_lanes;
+using cpu_math::splat;
+using cpu_math::store;
+using cpu_math::store_lanes;
+using Step = WindowStep<cpu_math::LaneMath>;
+// Step on P lane vectors at once, their chains interleaved: the same bits.
+template <int P>
+using PackStep = WindowStep<cpu_math::PackMath<P>>;
+using ScalarStep = WindowStep<ScalarMath<float>>;
+
+// The window softmax of one output over all lanes. logit_at(h, w) and
+// x_at(h, w) load the lanes of input pixel (h, w).
+template <typename LogitAt, typename XAt>
+inline void window_softmax(int64_t h0, int64_t h1, int64_t w0, int64_t w1, LogitAt logit_at,
+                           XAt x_at, Lanes& y, Lanes& m, Lanes& inv_weight_sum) {
+  m = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      Step::max_tap(m, logit_at(h, w));
+    }
+  }
+  m = Step::reference_max(m);
+  Lanes sum = splat(0.0f);
+  Lanes weighted = splat(0.0f);
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      Step::add_tap(logit_at(h, w), x_at(h, w), m, sum, weighted);
+    }
+  }
+  Step::finish(sum, weighted, y, inv_weight_sum);
+}
+
+// Both gradients of one input pixel over all lanes: outputs (oh0..oh1) x
+// (ow0..ow1) cover it; output_at(oh, ow, g, y, m, inv) loads their lanes.
+template <typename OutputAt>
+inline void gather_grads(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, Lanes xi, Lanes li,
+                         OutputAt output_at, Lanes& dx, Lanes& dl) {
+  dx = splat(0.0f);
+  dl = splat(0.0f);
+  for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    for (int64_t ow = ow0; ow <= ow1; ++ow) {
+      Lanes g, y, m, inv;
+      output_at(oh, ow, g, y, m, inv);
+      Step::grad_tap(li, xi, g, y, m, inv, dx, dl);
+    }
+  }
+}
+
+// The logit lanes of channels [c0, c0 + count) at element offset `pixel`
+// (which already holds n * ls.n + pixel * ls.pixel): one value for all lanes
+// when the logit is shared across channels.
+template <typename l_t>
+inline Lanes load_logit_lanes(const l_t* logit, const LogitStrides& ls, int64_t pixel, int64_t c0,
+                              int64_t count) {
+  return ls.c == 0 ? splat(static_cast<float>(logit[pixel])) : load_lanes(logit + pixel + c0, count);
+}
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The typed data pointers of a forward call: x, logit, out, window_max,
+// inv_weight_sum.
+template <typename x_t, typename l_t>
+std::tuple<const x_t*, const l_t*, x_t*, float*, float*> forward_pointers(const ForwardTensors& t) {
+  return {t.x.const_data_ptr<x_t>(), t.logit.const_data_ptr<l_t>(), t.out.mutable_data_ptr<x_t>(),
+          t.window_max.mutable_data_ptr<float>(), t.inv_weight_sum.mutable_data_ptr<float>()};
+}
+
+// The typed data pointers of a backward call: grad_out, x, logit, out,
+// window_max, inv_weight_sum, grad_x, grad_logit.
+template <typename x_t, typename l_t>
+std::tuple<const x_t*, const x_t*, const l_t*, const x_t*, const float*, const float*, x_t*, l_t*>
+backward_pointers(const BackwardTensors& t) {
+  return {t.grad_out.const_data_ptr<x_t>(), t.x.const_data_ptr<x_t>(), t.logit.const_data_ptr<l_t>(),
+          t.out.const_data_ptr<x_t>(), t.window_max.const_data_ptr<float>(),
+          t.inv_weight_sum.const_data_ptr<float>(), t.grad_x.mutable_data_ptr<x_t>(),
+          t.grad_logit.mutable_data_ptr<l_t>()};
+}
+
+// Whether streaming stores pay for these outputs, written in whole vectors
+// from multiples of `unit` elements: only where every such vector covers
+// whole cache lines. A streamed line next to plainly stored ones measured
+// slower than no streaming at all (1024x14x14 blocks backward at batch
+// 16, whose 784-byte planes are not line-aligned: 1.78 -> 1.99 ms).
+bool whole_lines(std::initializer_list<const at::Tensor*> outputs, int64_t unit) {
+  for (const at::Tensor* t : outputs) {
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 64 != 0 ||
+        unit * static_cast<int64_t>(t->element_size()) % 64 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Fetches the cache lines of [p, p + bytes) into the cache.
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte);
+}
+
+// The same for lines about to be written.
+inline void prefetch_range_for_write(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(c + byte, 1);
+}
+
+// Element `ahead_bytes` past p, for prefetches that run ahead of a stream
+// (prefetching past an allocation's end is harmless: it never faults).
+template <typename T>
+inline const T* bytes_ahead(const T* p, int64_t ahead_bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(p) + ahead_bytes);
+}
+
+// Byte ranges fetched a few cache lines at a time, so that a task's loads
+// of the next task's data overlap its own arithmetic instead of being
+// issued in one burst.
+class PrefetchQueue {
+ public:
+  // write: the lines will be written (fetched for ownership). planes:
+  // `planes` ranges of `bytes`, `stride` bytes apart.
+  void add(const void* p, int64_t bytes, bool write = false, int64_t planes = 1, int64_t stride = 0) {
+    if (count_ < kMaxRanges && bytes > 0 && planes > 0) {
+      ranges_[count_++] = {static_cast<const char*>(p), bytes, planes, stride, write};
+    }
+  }
+  void step(int lines) {
+    for (; lines > 0 && at_ < count_; --lines) {
+      const Range& r = ranges_[at_];
+      if (r.write) {
+        __builtin_prefetch(r.p + plane_ * r.stride + offset_, 1);
+      } else {
+        __builtin_prefetch(r.p + plane_ * r.stride + offset_);
+      }
+      offset_ += 64;
+      if (offset_ >= r.bytes) {
+        offset_ = 0;
+        if (++plane_ == r.planes) {
+          ++at_;
+          plane_ = 0;
+        }
+      }
+    }
+  }
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (int i = 0; i < count_; ++i) total += ranges_[i].bytes * ranges_[i].planes;
+    return total;
+  }
+  int64_t lines_left() const {
+    int64_t lines = 0;
+    for (int i = at_; i < count_; ++i) lines += (ranges_[i].bytes + 63) / 64 * ranges_[i].planes;
+    if (at_ < count_) lines -= plane_ * ((ranges_[at_].bytes + 63) / 64) + offset_ / 64;
+    return lines;
+  }
+  void clear() { count_ = at_ = 0, plane_ = offset_ = 0; }
+
+ private:
+  static constexpr int kMaxRanges = 8;
+  struct Range {
+    const char* p;
+    int64_t bytes, planes, stride;
+    bool write;
+  };
+  Range ranges_[kMaxRanges];
+  int count_ = 0, at_ = 0;
+  int64_t plane_ = 0, offset_ = 0;
+};
+
+}  // namespace
+}  // namespace LIP_CPU_NS
+}  // namespace lip_cuda
