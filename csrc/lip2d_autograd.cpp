@@ -72,7 +72,11 @@ class Lip2dForward : public torch::autograd::Function<Lip2dForward> {
         forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
     ctx->save_for_backward({x, logit, out, window_max, inv_weight_sum});
     save_pool_args(ctx, kernel_size, stride, padding, ceil_mode);
-    ctx->mark_non_differentiable({window_max, inv_weight_sum});
+    // The two statistics are not differentiable, but not marked so here:
+    // compiled autograd (torch._dynamo.compiled_autograd) asserts that a
+    // C++ autograd node has no marked outputs, and failed with an internal
+    // assert on a graph holding this one. lip2d_forward_autograd returns
+    // them detached instead.
     // backward needs no zero-filled gradients for the two statistics (two
     // output-sized allocations and fills a call, 4% of a small layer's
     // backward in a timer profile)
@@ -135,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor> lip2d_forward_autograd(const Tensor& x, const
     return forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
   }
   const variable_list outs = Lip2dForward::apply(x, logit, kernel_size, stride, padding, ceil_mode);
-  return {outs[0], outs[1], outs[2]};
+  return {outs[0], outs[1].detach(), outs[2].detach()};
 }
 
 std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const Tensor& x,

@@ -1,4 +1,5 @@
 """lip_cuda.lip2d against an independent float64 window-softmax oracle."""
+import functools
 import random
 
 import pytest
@@ -605,6 +606,41 @@ def test_torch_compile_inductor(device, seed):
     grads_eager = torch.autograd.grad(loss(x, logit), (x, logit))
     for a, b in zip(grads_eager, grads_compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_autograd_of_an_eager_forward(device, seed):
+    """A forward run eagerly and its backward compiled by compiled autograd:
+    the engine hands lip2d's C++ autograd node to the compiler, whose
+    checks of a C++ node once failed an internal assert on it (outputs
+    marked non-differentiable). The gradients are the oracle's."""
+    enable = getattr(torch._dynamo.compiled_autograd, "_enable", None)
+    if enable is None:
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    x, logit = make_inputs((2, 3, 11, 9), torch.float32, device)
+    x.requires_grad_()
+    logit.requires_grad_()
+    grad_out = torch.randn(2, 3, 6, 5, dtype=torch.float64).float().to(device)
+    loss = (lip_cuda.lip2d(x, logit, 3, 2, 1) * grad_out).sum()
+    with enable(functools.partial(torch.compile, backend="aot_eager")):
+        loss.backward()
+    _, gx_ref, gl_ref = oracle_with_grads(x.detach().cpu(), logit.detach().cpu(), grad_out.cpu(), 3, 2, 1)
+    tol = TOLERANCE[torch.float32][1]
+    for got, want in ((x.grad, gx_ref), (logit.grad, gl_ref)):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_are_not_differentiable(device, seed):
+    """Of the forward operator's outputs only out carries a gradient: the
+    window statistics come back detached (not marked non-differentiable,
+    see lip2d_autograd.cpp), so nothing can backpropagate through them."""
+    x, logit = make_inputs((1, 2, 7, 6), torch.float32, device)
+    out, window_max, inv_weight_sum = torch.ops.lip_cuda.lip2d_forward(
+        x.requires_grad_(), logit.requires_grad_(), [3, 3], [2, 2], [1, 1], False)
+    assert out.requires_grad and out.grad_fn is not None
+    for stat in (window_max, inv_weight_sum):
+        assert not stat.requires_grad and stat.grad_fn is None
 
 
 def test_double_backward_raises(seed):
