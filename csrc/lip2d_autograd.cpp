@@ -6,16 +6,33 @@
 // the small LIP-ResNet layers run for less than that, so a Python layer set
 // their speed. The fake (meta) kernels stay in Python (lip_cuda/_ops.py);
 // torch.compile traces this autograd like any other C++ one.
+//
+// Why autograd nodes written out, as PyTorch's generated ones are, and not a
+// torch::autograd::Function: functorch's transforms (torch.func.grad, vjp,
+// jacrev) refuse a C++ Function outright ("cannot use C++
+// torch::autograd::Function with functorch transforms"), and a Function's
+// node costs more host time (its context, saved-data map and output
+// wrapping). A node also says what compiled autograd needs to trace it
+// (compiled_args, apply_with_saved).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <vector>
 
 namespace lip_cuda {
 namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::CompiledNodeArgs;
+using torch::autograd::SavedVariable;
+using torch::autograd::SwapSavedVariables;
 using torch::autograd::variable_list;
 
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, IntArrayRef,
@@ -39,15 +56,6 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   return op;
 }
 
-// The pooling arguments a backward needs, kept in the context.
-void save_pool_args(AutogradContext* ctx, IntArrayRef kernel_size, IntArrayRef stride,
-                    IntArrayRef padding, bool ceil_mode) {
-  ctx->saved_data["kernel_size"] = kernel_size.vec();
-  ctx->saved_data["stride"] = stride.vec();
-  ctx->saved_data["padding"] = padding.vec();
-  ctx->saved_data["ceil_mode"] = ceil_mode;
-}
-
 // Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has
 // no formula here: without this check the tangents of x and the logit were
 // dropped and the output's came out as zeros, a silently wrong answer.
@@ -62,68 +70,134 @@ void check_no_forward_ad(std::initializer_list<const Tensor*> inputs) {
   }
 }
 
-class Lip2dForward : public torch::autograd::Function<Lip2dForward> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& logit,
-                               IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
-                               bool ceil_mode) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, window_max, inv_weight_sum] =
-        forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
-    ctx->save_for_backward({x, logit, out, window_max, inv_weight_sum});
-    save_pool_args(ctx, kernel_size, stride, padding, ceil_mode);
-    // The two statistics are not differentiable, but not marked so here:
-    // compiled autograd (torch._dynamo.compiled_autograd) asserts that a
-    // C++ autograd node has no marked outputs, and failed with an internal
-    // assert on a graph holding this one. lip2d_forward_autograd returns
-    // them detached instead.
-    // backward needs no zero-filled gradients for the two statistics (two
-    // output-sized allocations and fills a call, 4% of a small layer's
-    // backward in a timer profile)
-    ctx->set_materialize_grads(false);
-    return {out, window_max, inv_weight_sum};
+// Whether an autograd node must be recorded: grad mode on and an input
+// that requires grad.
+bool records_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t->requires_grad()) return true;
+  }
+  return false;
+}
+
+// The gradients of x and the logit from grad_out (undefined where out
+// took no part in the loss), each only where it is needed.
+variable_list run_backward(const Tensor& grad_out, const Tensor& x, const Tensor& logit, const Tensor& out,
+                           const Tensor& window_max, const Tensor& inv_weight_sum, IntArrayRef kernel_size,
+                           IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool need_x,
+                           bool need_logit) {
+  if (!grad_out.defined() || !(need_x || need_logit)) return {Tensor(), Tensor()};
+  // The kernels take grad_out in out's dtype. The autograd engine already
+  // casts a gradient to its tensor's dtype (a float32 gradient of a
+  // bfloat16 output arrives as bfloat16: test_output_gradient_in_another_dtype
+  // passes without this cast); the cast is free where the dtypes agree and
+  // keeps a caller that skips the engine's cast off the dtype check.
+  auto [grad_x, grad_logit] = backward_op().call(grad_out.to(out.scalar_type()), x, logit, out, window_max,
+                                                 inv_weight_sum, kernel_size, stride, padding, ceil_mode);
+  return {need_x ? grad_x : Tensor(), need_logit ? grad_logit : Tensor()};
+}
+
+// The backward of lip2d_forward: grads of x and the logit (its next edges
+// 0 and 1) from the gradient of out (its one input). The window statistics
+// are not differentiable and get no history.
+struct Lip2dForwardBackward : public torch::autograd::TraceableFunction {
+  SavedVariable x, logit, out, window_max, inv_weight_sum;
+  std::vector<int64_t> kernel_size, stride, padding;
+  bool ceil_mode = false;
+
+  std::string name() const override { return "Lip2dForwardBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor& out = saved[2];
-    const std::vector<int64_t> kernel_size = ctx->saved_data["kernel_size"].toIntVector();
-    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    if (!grads[0].defined()) {  // out took no part in the loss
-      return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    }
-    // The kernels take grad_out in out's dtype. The autograd engine already
-    // casts a gradient to its tensor's dtype (a float32 gradient of a
-    // bfloat16 output arrives as bfloat16: test_output_gradient_in_another_dtype
-    // passes without this cast); the cast is free where the dtypes agree and
-    // keeps a caller that skips the engine's cast off the dtype check.
-    auto [grad_x, grad_logit] =
-        backward_op().call(grads[0].to(out.scalar_type()), saved[0], saved[1], out, saved[3],
-                           saved[4], kernel_size, stride, padding, ctx->saved_data["ceil_mode"].toBool());
-    return {grad_x, grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return run_backward(grads[0], x.unpack(), logit.unpack(), out.unpack(getptr()), window_max.unpack(),
+                        inv_weight_sum.unpack(), kernel_size, stride, padding, ceil_mode,
+                        task_should_compute_output(0), task_should_compute_output(1));
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(x, false);
+    args.collect(logit, false);
+    args.collect(out, true);
+    args.collect(window_max, false);
+    args.collect(inv_weight_sum, false);
+    args.collect(kernel_size);
+    args.collect(stride);
+    args.collect(padding);
+    args.collect(ceil_mode);
+  }
+
+  // Compiled autograd traces a graph's nodes with placeholder tensors, so
+  // this node's backward goes into its graph as a function of IValues
+  // (backward_functional), as PyTorch's own nodes and C++ Functions do.
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    namespace ca = torch::dynamo::autograd;
+    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) saved.before(*v);
+    ca::PackedArgs packed;
+    packed.pack(x.unpack());
+    packed.pack(logit.unpack());
+    packed.pack(out.unpack(getptr()));
+    packed.pack(window_max.unpack());
+    packed.pack(inv_weight_sum.unpack());
+    packed.pack(kernel_size);
+    packed.pack(stride);
+    packed.pack(padding);
+    packed.pack(ceil_mode);
+    packed.pack(std::vector<bool>{task_should_compute_output(0), task_should_compute_output(1)});
+    const std::vector<c10::IValue>& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    schema.reserve(args.size());
+    for (const c10::IValue& arg : args) schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+    const auto& compiler = ca::getPyCompilerInterface();
+    const std::string fn_name =
+        compiler->bind_function(saved.get_py_compiler(), name(), backward_functional, schema,
+                                /*is_custom_function=*/true, /*is_traceable=*/true);
+    variable_list result = compiler->call_function(
+        saved.get_py_compiler(), "apply_functional", fn_name, grads, args,
+        ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            ca::get_input_metadata(next_edges())));
+    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) saved.after(*v);
+    return result;
+  }
+
+  // apply's work on what apply_with_saved packs.
+  static variable_list backward_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    const auto x = packed.unpack<Tensor>();
+    const auto logit = packed.unpack<Tensor>();
+    const auto out = packed.unpack<Tensor>();
+    const auto window_max = packed.unpack<Tensor>();
+    const auto inv_weight_sum = packed.unpack<Tensor>();
+    const auto kernel_size = packed.unpack<std::vector<int64_t>>();
+    const auto stride = packed.unpack<std::vector<int64_t>>();
+    const auto padding = packed.unpack<std::vector<int64_t>>();
+    const auto ceil_mode = packed.unpack<bool>();
+    const auto needed = packed.unpack<std::vector<bool>>();
+    return run_backward(grads[0], x, logit, out, window_max, inv_weight_sum, kernel_size, stride, padding,
+                        ceil_mode, needed[0], needed[1]);
   }
 };
 
-// lip2d_backward is differentiable only once: its own backward says so.
-class Lip2dBackward : public torch::autograd::Function<Lip2dBackward> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& x,
-                               const Tensor& logit, const Tensor& out, const Tensor& window_max,
-                               const Tensor& inv_weight_sum, IntArrayRef kernel_size,
-                               IntArrayRef stride, IntArrayRef padding, bool ceil_mode) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_x, grad_logit] = backward_op().call(grad_out, x, logit, out, window_max,
-                                                   inv_weight_sum, kernel_size, stride, padding,
-                                                   ceil_mode);
-    return {grad_x, grad_logit};
-  }
+// lip2d_backward is differentiable only once: the node recorded when a
+// backward runs with create_graph=True says so if it is ever reached.
+struct Lip2dBackwardBackward : public torch::autograd::TraceableFunction {
+  std::string name() const override { return "Lip2dBackwardBackward"; }
 
-  static variable_list backward(AutogradContext*, variable_list) {
+  variable_list apply(variable_list&&) override {
     TORCH_CHECK(false,
                 "lip_cuda: double backward (grad of grad) of lip2d is not supported; "
                 "call torch.autograd.grad without create_graph=True");
     return {};
+  }
+
+  void compiled_args(CompiledNodeArgs&) const override {}
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables&) override {
+    return apply(variable_list(grads));
   }
 };
 
@@ -132,14 +206,26 @@ std::tuple<Tensor, Tensor, Tensor> lip2d_forward_autograd(const Tensor& x, const
                                                           IntArrayRef stride, IntArrayRef padding,
                                                           bool ceil_mode) {
   check_no_forward_ad({&x, &logit});
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || logit.requires_grad())) {
-    // nothing to differentiate (inference): skip the autograd node, its
-    // context and saved arguments, a few microseconds a call
+  const bool record = records_grad({&x, &logit});
+  auto [out, window_max, inv_weight_sum] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
+  }();
+  if (record) {
+    auto node = c10::make_intrusive<Lip2dForwardBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, logit));
+    node->x = SavedVariable(x, false);
+    node->logit = SavedVariable(logit, false);
+    node->window_max = SavedVariable(window_max, false);
+    node->inv_weight_sum = SavedVariable(inv_weight_sum, false);
+    node->kernel_size = kernel_size.vec();
+    node->stride = stride.vec();
+    node->padding = padding.vec();
+    node->ceil_mode = ceil_mode;
+    torch::autograd::set_history(out, node);
+    node->out = SavedVariable(out, true);  // after set_history: out is the node's own output
   }
-  const variable_list outs = Lip2dForward::apply(x, logit, kernel_size, stride, padding, ceil_mode);
-  return {outs[0], outs[1].detach(), outs[2].detach()};
+  return {out, window_max, inv_weight_sum};
 }
 
 std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const Tensor& x,
@@ -149,19 +235,21 @@ std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const
                                                    IntArrayRef kernel_size, IntArrayRef stride,
                                                    IntArrayRef padding, bool ceil_mode) {
   check_no_forward_ad({&grad_out, &x, &logit, &out, &window_max, &inv_weight_sum});
-  // as in the forward; this is the case of lip2d's own backward pass, which
-  // runs with grad mode off unless create_graph=True
-  if (!at::GradMode::is_enabled() ||
-      !(grad_out.requires_grad() || x.requires_grad() || logit.requires_grad() || out.requires_grad() ||
-        window_max.requires_grad() || inv_weight_sum.requires_grad())) {
+  // lip2d's own backward pass runs with grad mode off unless create_graph=True
+  const bool record = records_grad({&grad_out, &x, &logit, &out, &window_max, &inv_weight_sum});
+  auto [grad_x, grad_logit] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op().call(grad_out, x, logit, out, window_max, inv_weight_sum, kernel_size, stride,
                               padding, ceil_mode);
+  }();
+  if (record) {
+    auto node = c10::make_intrusive<Lip2dBackwardBackward>();
+    node->set_next_edges(
+        torch::autograd::collect_next_edges(grad_out, x, logit, out, window_max, inv_weight_sum));
+    torch::autograd::set_history(grad_x, node);
+    torch::autograd::set_history(grad_logit, node);
   }
-  const variable_list grads = Lip2dBackward::apply(grad_out, x, logit, out, window_max,
-                                                   inv_weight_sum, kernel_size, stride, padding,
-                                                   ceil_mode);
-  return {grads[0], grads[1]};
+  return {grad_x, grad_logit};
 }
 
 }  // namespace

@@ -631,6 +631,30 @@ def test_compiled_autograd_of_an_eager_forward(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_functorch_grad_vjp_and_per_sample_gradients(layout, device, seed):
+    """torch.func's reverse-mode transforms run lip2d's autograd node (a C++
+    torch::autograd::Function was refused by them outright): grad and vjp
+    give the oracle's gradients, and vmap(grad) of one sample's loss, the
+    per-sample gradients, gives them too (the samples are independent)."""
+    x, logit = make_inputs((3, 2, 9, 7), torch.float64, device, layout)
+    grad_out = torch.randn(3, 2, 5, 4, dtype=torch.float64).to(device)
+    _, gx_ref, gl_ref = oracle_with_grads(x.cpu(), logit.cpu(), grad_out.cpu(), 3, 2, 1)
+    tol = TOLERANCE[torch.float64][1]
+
+    def check(gx, gl):
+        for got, want in ((gx, gx_ref), (gl, gl_ref)):
+            torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+    loss = lambda a, b, g: (lip_cuda.lip2d(a, b, 3, 2, 1) * g).sum()  # noqa: E731
+    check(*torch.func.grad(loss, argnums=(0, 1))(x, logit, grad_out))
+    _, pullback = torch.func.vjp(lambda a, b: lip_cuda.lip2d(a, b, 3, 2, 1), x, logit)
+    check(*pullback(grad_out))
+    one_sample = lambda a, b, g: loss(a[None], b[None], g[None])  # noqa: E731
+    check(*torch.vmap(torch.func.grad(one_sample, argnums=(0, 1)))(x, logit, grad_out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_statistics_are_not_differentiable(device, seed):
     """Of the forward operator's outputs only out carries a gradient: the
     window statistics come back detached (not marked non-differentiable,
