@@ -1,7 +1,8 @@
 // The lip_cuda operators: schemas, argument checks, output allocation and
-// the per-device registrations. Kernels live in lip2d_cpu.cpp and
-// lip2d_cuda.cu (and their CPU emulation in lip2d_emulate.cpp); the autograd
-// formula and the fake (meta) kernels are bound in Python (lip_cuda/_ops.py).
+// the per-device registrations. Kernels live in lip2d_cpu.cpp (chosen by
+// lip2d_cpu_launch.cpp) and lip2d_cuda.cu (and their CPU emulation in
+// lip2d_emulate.cpp); the autograd is lip2d_autograd.cpp, and the fake
+// (meta) kernels are bound in Python (lip_cuda/_ops.py).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>

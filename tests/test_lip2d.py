@@ -689,7 +689,7 @@ class _DropGradient(torch.autograd.Function):
 
 
 def test_undefined_output_gradient_gives_no_gradient(seed):
-    """The backward gets no zero-filled gradients (materialize_grads off):
+    """The backward gets no zero-filled gradient (none is materialized):
     when nothing flows back into the output, lip2d adds nothing to x's
     gradient and gives the logit none."""
     x, logit = make_inputs((1, 2, 6, 6), torch.float32, "cpu")
