@@ -22,6 +22,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <mutex>
 #include <vector>
 
@@ -107,9 +108,17 @@ struct Lip2dForwardBackward : public torch::autograd::TraceableFunction {
 
   std::string name() const override { return "Lip2dForwardBackward"; }
 
+  // The saved tensors, for what every one of them goes through.
+  std::array<SavedVariable*, 5> saved_variables() {
+    return {&x, &logit, &out, &window_max, &inv_weight_sum};
+  }
+  std::array<const SavedVariable*, 5> saved_variables() const {
+    return {&x, &logit, &out, &window_max, &inv_weight_sum};
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) v->reset_data();
+    for (SavedVariable* v : saved_variables()) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -120,11 +129,9 @@ struct Lip2dForwardBackward : public torch::autograd::TraceableFunction {
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(x, false);
-    args.collect(logit, false);
-    args.collect(out, true);
-    args.collect(window_max, false);
-    args.collect(inv_weight_sum, false);
+    for (const SavedVariable* v : saved_variables()) {
+      args.collect(*v, /*is_output=*/v == &out);
+    }
     args.collect(kernel_size);
     args.collect(stride);
     args.collect(padding);
@@ -136,7 +143,7 @@ struct Lip2dForwardBackward : public torch::autograd::TraceableFunction {
   // (backward_functional), as PyTorch's own nodes and C++ Functions do.
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
     namespace ca = torch::dynamo::autograd;
-    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) saved.before(*v);
+    for (SavedVariable* v : saved_variables()) saved.before(*v);
     ca::PackedArgs packed;
     packed.pack(x.unpack());
     packed.pack(logit.unpack());
@@ -160,7 +167,7 @@ struct Lip2dForwardBackward : public torch::autograd::TraceableFunction {
         saved.get_py_compiler(), "apply_functional", fn_name, grads, args,
         ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
             ca::get_input_metadata(next_edges())));
-    for (SavedVariable* v : {&x, &logit, &out, &window_max, &inv_weight_sum}) saved.after(*v);
+    for (SavedVariable* v : saved_variables()) saved.after(*v);
     return result;
   }
 
