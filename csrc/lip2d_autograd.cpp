@@ -23,7 +23,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace lip_cuda {
@@ -68,6 +70,21 @@ void check_no_forward_ad(std::initializer_list<const Tensor*> inputs) {
                 "lip_cuda: forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
                 "torch.autograd.forward_ad) of lip2d is not supported; use reverse mode "
                 "(torch.autograd.grad or backward())");
+  }
+}
+
+// A new node in the pointer type this torch's autograd graph holds nodes
+// by: std::shared_ptr up to torch 2.11 (the GPU machine's), c10::intrusive_ptr
+// in later ones (torch 2.14 here). Generated nodes are made the same way.
+template <class NodeType>
+auto make_node() {
+  using NodePointer = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
+    // deleteNode (found by argument-dependent lookup: later torch has none)
+    // frees long chains of nodes without deep recursion
+    return std::shared_ptr<NodeType>(new NodeType(), [](NodeType* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<NodeType>();
   }
 }
 
@@ -219,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> lip2d_forward_autograd(const Tensor& x, const
     return forward_op().call(x, logit, kernel_size, stride, padding, ceil_mode);
   }();
   if (record) {
-    auto node = c10::make_intrusive<Lip2dForwardBackward>();
+    auto node = make_node<Lip2dForwardBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, logit));
     node->x = SavedVariable(x, false);
     node->logit = SavedVariable(logit, false);
@@ -250,7 +267,7 @@ std::tuple<Tensor, Tensor> lip2d_backward_autograd(const Tensor& grad_out, const
                               padding, ceil_mode);
   }();
   if (record) {
-    auto node = c10::make_intrusive<Lip2dBackwardBackward>();
+    auto node = make_node<Lip2dBackwardBackward>();
     node->set_next_edges(
         torch::autograd::collect_next_edges(grad_out, x, logit, out, window_max, inv_weight_sum));
     torch::autograd::set_history(grad_x, node);
