@@ -202,7 +202,7 @@ LIP_UNROLL
 // warp reads contiguous vectors. The host checks C % V == 0 and the
 // pointers' alignment.
 template <int K, int S, int P, int V, typename x_t, typename l_t, typename acc_t>
-struct FastForwardChannelsLast {
+struct FastForwardChannelsLastSerial {
   using Args = ForwardArgs<x_t, l_t, acc_t>;
   using Step = WindowStep<ScalarMath<acc_t>>;
 
@@ -263,6 +263,120 @@ LIP_UNROLL
 LIP_UNROLL
           for (int v = 0; v < V; ++v) Step::add_tap(lv[kh][kw][v], xv[v], m[v], sum[v], weighted[v]);
         }
+      }
+    }
+    acc_t y[V], inv[V];
+LIP_UNROLL
+    for (int v = 0; v < V; ++v) Step::finish(sum[v], weighted[v], y[v], inv[v]);
+    const int64_t o = (static_cast<int64_t>(row) * OW + ow) * C + c0;
+    store_vec<V>(a.out + o, y);
+    store_vec<V>(a.window_max + o, m);
+    store_vec<V>(a.inv_weight_sum + o, inv);
+  }
+};
+
+// Where a window tap at (h, w) loads from: the nearest pixel of the image,
+// a legal address whether or not the tap is inside. Loading every tap
+// before using any (the forward kernels below) needs that: a load in a
+// branch, used in the same branch, waits for memory before the next tap's
+// load is issued.
+LIP_HOST_DEVICE int32_t clamp_to(int32_t i, int32_t size) { return i < 0 ? 0 : (i >= size ? size - 1 : i); }
+
+// A tap outside the image gets the logit -inf: weight exactly 0 whatever the
+// x it loaded (the clamped pixel's), as if it had been skipped.
+LIP_HOST_DEVICE bool tap_inside(int32_t h, int32_t w, int32_t H, int32_t W) {
+  return h >= 0 && h < H && w >= 0 && w < W;
+}
+
+template <int V, bool PerChannel, typename l_t, typename acc_t>
+LIP_HOST_DEVICE void load_logit_lanes(const l_t* pixel, acc_t (&out)[V]) {
+  if constexpr (PerChannel) {
+    load_vec<V>(pixel, out);
+  } else {
+    const acc_t v = static_cast<acc_t>(*pixel);
+LIP_UNROLL
+    for (int j = 0; j < V; ++j) out[j] = v;
+  }
+}
+
+// channels_last forward. Grid: x = output rows (n * OH + oh), y * 128 +
+// thread_x = (ow, channel vector) of that row, channel vector fastest so a
+// warp reads contiguous vectors. The host checks C % V == 0 and the
+// pointers' alignment. All 2 K^2 loads are issued before the first use: the
+// earlier form (a branch per tap, its load used inside it) waited for one
+// load at a time, and ncu measured its forward as slow in bfloat16 as in
+// float32 with 58% of the bytes (docs/kernels.md).
+template <int K, int S, int P, int V, typename x_t, typename l_t, typename acc_t>
+struct FastForwardChannelsLast {
+  using Args = ForwardArgs<x_t, l_t, acc_t>;
+  using Step = WindowStep<ScalarMath<acc_t>>;
+
+  static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
+    // one body per logit form, so that no branch splits the loads
+    if (a.ls.c != 0) {
+      run_with<true>(t, a);
+    } else {
+      run_with<false>(t, a);
+    }
+  }
+
+  template <bool PerChannel>
+  static LIP_HOST_DEVICE void run_with(const ThreadIndex& t, const Args& a) {
+    const LipGeometry& g = a.g;
+    const int32_t C = static_cast<int32_t>(g.C), H = static_cast<int32_t>(g.H),
+                  W = static_cast<int32_t>(g.W), OH = static_cast<int32_t>(g.OH),
+                  OW = static_cast<int32_t>(g.OW);
+    const int32_t vectors = C / V;
+    const int32_t j = t.block_y * kFastThreads + t.thread_x;
+    if (j >= OW * vectors) return;
+    const int32_t ow = j / vectors;
+    const int32_t c0 = (j - ow * vectors) * V;
+    const int32_t row = static_cast<int32_t>(t.block_x);  // < N * OH < 2^31 (host-checked)
+    const int32_t n = row / OH;
+    const int32_t oh = row - n * OH;
+    const int32_t h_start = oh * S - P, w_start = ow * S - P;
+    const x_t* x_img = a.x + static_cast<int64_t>(n) * H * W * C + c0;
+    const l_t* l_img = a.logit + n * a.ls.n + c0 * a.ls.c;
+
+    acc_t lv[K][K][V], xv[K][K][V];
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t h_row = static_cast<int64_t>(clamp_to(h_start + kh, H)) * W;
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t pixel = h_row + clamp_to(w_start + kw, W);
+        load_logit_lanes<V, PerChannel>(l_img + pixel * a.ls.pixel, lv[kh][kw]);
+        load_vec<V>(x_img + pixel * C, xv[kh][kw]);
+      }
+    }
+    acc_t m[V];
+LIP_UNROLL
+    for (int v = 0; v < V; ++v) m[v] = -INFINITY;
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        const bool inside = tap_inside(h_start + kh, w_start + kw, H, W);
+LIP_UNROLL
+        for (int v = 0; v < V; ++v) {
+          if (!inside) lv[kh][kw][v] = -INFINITY;
+          Step::max_tap(m[v], lv[kh][kw][v]);
+        }
+      }
+    }
+    acc_t sum[V], weighted[V];
+LIP_UNROLL
+    for (int v = 0; v < V; ++v) {
+      m[v] = Step::reference_max(m[v]);
+      sum[v] = 0;
+      weighted[v] = 0;
+    }
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+LIP_UNROLL
+        for (int v = 0; v < V; ++v) Step::add_tap(lv[kh][kw][v], xv[kh][kw][v], m[v], sum[v], weighted[v]);
       }
     }
     acc_t y[V], inv[V];
@@ -362,7 +476,7 @@ LIP_HOST_DEVICE int64_t logit_plane_offset(int64_t plane, int64_t C, const Logit
 }
 
 template <int K, int S, int P, typename x_t, typename l_t, typename acc_t>
-struct FastForwardPlanes {
+struct FastForwardPlanesSerial {
   using Args = ForwardArgs<x_t, l_t, acc_t>;
   using Step = WindowStep<ScalarMath<acc_t>>;
 
@@ -411,6 +525,66 @@ LIP_UNROLL
                         sum, weighted);
         }
       }
+    }
+    acc_t y, inv;
+    Step::finish(sum, weighted, y, inv);
+    const int64_t o = row * OW + ow;
+    a.out[o] = static_cast<x_t>(y);
+    a.window_max[o] = m;
+    a.inv_weight_sum[o] = inv;
+  }
+};
+
+// Contiguous forward: one output a thread, every tap loaded before the first
+// use, as in FastForwardChannelsLast.
+template <int K, int S, int P, typename x_t, typename l_t, typename acc_t>
+struct FastForwardPlanes {
+  using Args = ForwardArgs<x_t, l_t, acc_t>;
+  using Step = WindowStep<ScalarMath<acc_t>>;
+
+  static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
+    const LipGeometry& g = a.g;
+    const int64_t row = plane_row(t);  // plane * OH + oh
+    const int32_t ow = plane_col(t);
+    const int32_t H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W),
+                  OH = static_cast<int32_t>(g.OH), OW = static_cast<int32_t>(g.OW);
+    if (row >= g.N * g.C * OH || ow >= OW) return;
+    const int64_t plane = row / OH;
+    const int32_t oh = static_cast<int32_t>(row - plane * OH);
+    const x_t* x_plane = a.x + plane * H * W;
+    // a full logit (ls.c == H * W, ls.n == C * H * W) is indexed like x
+    const l_t* l_plane =
+        a.logit + (a.ls.c == static_cast<int64_t>(H) * W && a.ls.n == g.C * a.ls.c
+                       ? plane * H * W
+                       : logit_plane_offset(plane, g.C, a.ls));
+    const int32_t h_start = oh * S - P, w_start = ow * S - P;
+
+    acc_t lv[K][K], xv[K][K];
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+      const int32_t h_row = clamp_to(h_start + kh, H) * W;  // within a plane: < 2^31 (host-checked)
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        const int32_t pixel = h_row + clamp_to(w_start + kw, W);
+        lv[kh][kw] = static_cast<acc_t>(l_plane[pixel]);
+        xv[kh][kw] = static_cast<acc_t>(x_plane[pixel]);
+      }
+    }
+    acc_t m = -INFINITY;
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) {
+        if (!tap_inside(h_start + kh, w_start + kw, H, W)) lv[kh][kw] = -INFINITY;
+        Step::max_tap(m, lv[kh][kw]);
+      }
+    }
+    m = Step::reference_max(m);
+    acc_t sum = 0, weighted = 0;
+LIP_UNROLL
+    for (int kh = 0; kh < K; ++kh) {
+LIP_UNROLL
+      for (int kw = 0; kw < K; ++kw) Step::add_tap(lv[kh][kw], xv[kh][kw], m, sum, weighted);
     }
     acc_t y, inv;
     Step::finish(sum, weighted, y, inv);
