@@ -38,14 +38,6 @@ inline KernelVariant kernel_variant_from_env() {
   return KernelVariant::Generic;
 }
 
-// Temporary A/B switch for one GPU measurement: LIP_CUDA_FORWARD_LOADS=serial
-// runs the fast forwards of a03eee0 (a branch per tap, each load used in
-// its branch) instead of the batched-load ones.
-inline bool forward_loads_serial_from_env() {
-  const char* value = std::getenv("LIP_CUDA_FORWARD_LOADS");
-  return value != nullptr && std::strcmp(value, "serial") == 0;
-}
-
 struct LaunchShape {
   int64_t grid_x;
   int32_t grid_y;
@@ -189,22 +181,14 @@ const char* dispatch_forward(Launcher& launcher, const ForwardArgs<x_t, l_t, acc
           channels_last_shape(g.N * g.OH, g.OW, g.C / V, shape)) {
         with_fast_geometry(fg, [&](auto k, auto s, auto p) {
           constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
-          if (forward_loads_serial_from_env()) {
-            launcher.template launch<FastForwardChannelsLastSerial<K, S, P, V, x_t, l_t, acc_t>>(shape, a);
-          } else {
-            launcher.template launch<FastForwardChannelsLast<K, S, P, V, x_t, l_t, acc_t>>(shape, a);
-          }
+          launcher.template launch<FastForwardChannelsLast<K, S, P, V, x_t, l_t, acc_t>>(shape, a);
         });
         launched = true;
       }
     } else if (planes_shape(g, g.N * g.C * g.OH, g.OW, shape)) {
       with_fast_geometry(fg, [&](auto k, auto s, auto p) {
         constexpr int K = decltype(k)::value, S = decltype(s)::value, P = decltype(p)::value;
-        if (forward_loads_serial_from_env()) {
-          launcher.template launch<FastForwardPlanesSerial<K, S, P, x_t, l_t, acc_t>>(shape, a);
-        } else {
-          launcher.template launch<FastForwardPlanes<K, S, P, x_t, l_t, acc_t>>(shape, a);
-        }
+        launcher.template launch<FastForwardPlanes<K, S, P, x_t, l_t, acc_t>>(shape, a);
       });
       launched = true;
     }

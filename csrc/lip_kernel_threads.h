@@ -186,108 +186,6 @@ constexpr int kFastThreads = 128;
 
 // Loads V logits of channels [c0, c0 + V) at one pixel: a vector when the
 // logit has channels, one value for all lanes when it is shared across them.
-template <int V, typename l_t, typename acc_t>
-LIP_HOST_DEVICE void load_logit_lanes(const l_t* pixel, bool per_channel, acc_t (&out)[V]) {
-  if (per_channel) {
-    load_vec<V>(pixel, out);
-  } else {
-    const acc_t v = static_cast<acc_t>(*pixel);
-LIP_UNROLL
-    for (int j = 0; j < V; ++j) out[j] = v;
-  }
-}
-
-// channels_last forward. Grid: x = output rows (n * OH + oh), y * 128 +
-// thread_x = (ow, channel vector) of that row, channel vector fastest so a
-// warp reads contiguous vectors. The host checks C % V == 0 and the
-// pointers' alignment.
-template <int K, int S, int P, int V, typename x_t, typename l_t, typename acc_t>
-struct FastForwardChannelsLastSerial {
-  using Args = ForwardArgs<x_t, l_t, acc_t>;
-  using Step = WindowStep<ScalarMath<acc_t>>;
-
-  static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
-    const LipGeometry& g = a.g;
-    const int32_t C = static_cast<int32_t>(g.C), H = static_cast<int32_t>(g.H),
-                  W = static_cast<int32_t>(g.W), OH = static_cast<int32_t>(g.OH),
-                  OW = static_cast<int32_t>(g.OW);
-    const int32_t vectors = C / V;
-    const int32_t j = t.block_y * kFastThreads + t.thread_x;
-    if (j >= OW * vectors) return;
-    const int32_t ow = j / vectors;
-    const int32_t c0 = (j - ow * vectors) * V;
-    const int32_t row = static_cast<int32_t>(t.block_x);  // < N * OH < 2^31 (host-checked)
-    const int32_t n = row / OH;
-    const int32_t oh = row - n * OH;
-    const int32_t h_start = oh * S - P, w_start = ow * S - P;
-    const x_t* x_img = a.x + static_cast<int64_t>(n) * H * W * C + c0;
-    const l_t* l_img = a.logit + n * a.ls.n + c0 * a.ls.c;
-    const bool per_channel = a.ls.c != 0;
-
-    acc_t lv[K][K][V];
-    bool inside[K][K];
-    acc_t m[V];
-LIP_UNROLL
-    for (int v = 0; v < V; ++v) m[v] = -INFINITY;
-LIP_UNROLL
-    for (int kh = 0; kh < K; ++kh) {
-LIP_UNROLL
-      for (int kw = 0; kw < K; ++kw) {
-        const int32_t h = h_start + kh, w = w_start + kw;
-        inside[kh][kw] = h >= 0 && h < H && w >= 0 && w < W;
-        if (inside[kh][kw]) {
-          load_logit_lanes<V>(l_img + (static_cast<int64_t>(h) * W + w) * a.ls.pixel, per_channel,
-                              lv[kh][kw]);
-LIP_UNROLL
-          for (int v = 0; v < V; ++v) Step::max_tap(m[v], lv[kh][kw][v]);
-        } else {
-          LIP_UNROLL
-          for (int v = 0; v < V; ++v) lv[kh][kw][v] = -INFINITY;  // never read; quiets the compiler
-        }
-      }
-    }
-    acc_t sum[V], weighted[V];
-LIP_UNROLL
-    for (int v = 0; v < V; ++v) {
-      m[v] = Step::reference_max(m[v]);
-      sum[v] = 0;
-      weighted[v] = 0;
-    }
-LIP_UNROLL
-    for (int kh = 0; kh < K; ++kh) {
-LIP_UNROLL
-      for (int kw = 0; kw < K; ++kw) {
-        if (inside[kh][kw]) {
-          acc_t xv[V];
-          load_vec<V>(x_img + (static_cast<int64_t>(h_start + kh) * W + (w_start + kw)) * C, xv);
-LIP_UNROLL
-          for (int v = 0; v < V; ++v) Step::add_tap(lv[kh][kw][v], xv[v], m[v], sum[v], weighted[v]);
-        }
-      }
-    }
-    acc_t y[V], inv[V];
-LIP_UNROLL
-    for (int v = 0; v < V; ++v) Step::finish(sum[v], weighted[v], y[v], inv[v]);
-    const int64_t o = (static_cast<int64_t>(row) * OW + ow) * C + c0;
-    store_vec<V>(a.out + o, y);
-    store_vec<V>(a.window_max + o, m);
-    store_vec<V>(a.inv_weight_sum + o, inv);
-  }
-};
-
-// Where a window tap at (h, w) loads from: the nearest pixel of the image,
-// a legal address whether or not the tap is inside. Loading every tap
-// before using any (the forward kernels below) needs that: a load in a
-// branch, used in the same branch, waits for memory before the next tap's
-// load is issued.
-LIP_HOST_DEVICE int32_t clamp_to(int32_t i, int32_t size) { return i < 0 ? 0 : (i >= size ? size - 1 : i); }
-
-// A tap outside the image gets the logit -inf: weight exactly 0 whatever the
-// x it loaded (the clamped pixel's), as if it had been skipped.
-LIP_HOST_DEVICE bool tap_inside(int32_t h, int32_t w, int32_t H, int32_t W) {
-  return h >= 0 && h < H && w >= 0 && w < W;
-}
-
 template <int V, bool PerChannel, typename l_t, typename acc_t>
 LIP_HOST_DEVICE void load_logit_lanes(const l_t* pixel, acc_t (&out)[V]) {
   if constexpr (PerChannel) {
@@ -299,13 +197,35 @@ LIP_UNROLL
   }
 }
 
+template <int V, typename l_t, typename acc_t>
+LIP_HOST_DEVICE void load_logit_lanes(const l_t* pixel, bool per_channel, acc_t (&out)[V]) {
+  per_channel ? load_logit_lanes<V, true>(pixel, out) : load_logit_lanes<V, false>(pixel, out);
+}
+
+// Where a window tap loads from: the nearest pixel of the image, a legal
+// address whether or not the tap is inside, so the load needs no branch.
+LIP_HOST_DEVICE int32_t clamp_to(int32_t i, int32_t size) { return i < 0 ? 0 : (i >= size ? size - 1 : i); }
+
+LIP_HOST_DEVICE bool tap_inside(int32_t h, int32_t w, int32_t H, int32_t W) {
+  return h >= 0 && h < H && w >= 0 && w < W;
+}
+
 // channels_last forward. Grid: x = output rows (n * OH + oh), y * 128 +
 // thread_x = (ow, channel vector) of that row, channel vector fastest so a
 // warp reads contiguous vectors. The host checks C % V == 0 and the
-// pointers' alignment. All 2 K^2 loads are issued before the first use: the
-// earlier form (a branch per tap, its load used inside it) waited for one
-// load at a time, and ncu measured its forward as slow in bfloat16 as in
-// float32 with 58% of the bytes (docs/kernels.md).
+// pointers' alignment.
+//
+// Every tap's logit and x are loaded before any is used: a tap outside the
+// image loads the clamped pixel and gets the logit -inf, a weight of exactly
+// 0 whatever that x (bitwise the outputs of skipping it). The earlier form,
+// a branch per tap with its load used inside, waited for one load at a time
+// (ncu: as slow in bfloat16 as in float32 with 58% of the bytes). On an
+// H200 this form took the bfloat16 forward from 0.202-0.219 to 0.133-0.135
+// ms at stem and s2b, float32's from 0.209-0.214 to 0.201-0.209
+// (benchmarks/results/gpu_h200_4ab1a87_forward_ab). The same change made
+// the contiguous forward (FastForwardPlanes, scalar loads that ptxas
+// already predicated instead of branching) 5-12% slower, so that one keeps
+// its branches.
 template <int K, int S, int P, int V, typename x_t, typename l_t, typename acc_t>
 struct FastForwardChannelsLast {
   using Args = ForwardArgs<x_t, l_t, acc_t>;
@@ -476,7 +396,7 @@ LIP_HOST_DEVICE int64_t logit_plane_offset(int64_t plane, int64_t C, const Logit
 }
 
 template <int K, int S, int P, typename x_t, typename l_t, typename acc_t>
-struct FastForwardPlanesSerial {
+struct FastForwardPlanes {
   using Args = ForwardArgs<x_t, l_t, acc_t>;
   using Step = WindowStep<ScalarMath<acc_t>>;
 
@@ -525,66 +445,6 @@ LIP_UNROLL
                         sum, weighted);
         }
       }
-    }
-    acc_t y, inv;
-    Step::finish(sum, weighted, y, inv);
-    const int64_t o = row * OW + ow;
-    a.out[o] = static_cast<x_t>(y);
-    a.window_max[o] = m;
-    a.inv_weight_sum[o] = inv;
-  }
-};
-
-// Contiguous forward: one output a thread, every tap loaded before the first
-// use, as in FastForwardChannelsLast.
-template <int K, int S, int P, typename x_t, typename l_t, typename acc_t>
-struct FastForwardPlanes {
-  using Args = ForwardArgs<x_t, l_t, acc_t>;
-  using Step = WindowStep<ScalarMath<acc_t>>;
-
-  static LIP_HOST_DEVICE void run(const ThreadIndex& t, const Args& a) {
-    const LipGeometry& g = a.g;
-    const int64_t row = plane_row(t);  // plane * OH + oh
-    const int32_t ow = plane_col(t);
-    const int32_t H = static_cast<int32_t>(g.H), W = static_cast<int32_t>(g.W),
-                  OH = static_cast<int32_t>(g.OH), OW = static_cast<int32_t>(g.OW);
-    if (row >= g.N * g.C * OH || ow >= OW) return;
-    const int64_t plane = row / OH;
-    const int32_t oh = static_cast<int32_t>(row - plane * OH);
-    const x_t* x_plane = a.x + plane * H * W;
-    // a full logit (ls.c == H * W, ls.n == C * H * W) is indexed like x
-    const l_t* l_plane =
-        a.logit + (a.ls.c == static_cast<int64_t>(H) * W && a.ls.n == g.C * a.ls.c
-                       ? plane * H * W
-                       : logit_plane_offset(plane, g.C, a.ls));
-    const int32_t h_start = oh * S - P, w_start = ow * S - P;
-
-    acc_t lv[K][K], xv[K][K];
-LIP_UNROLL
-    for (int kh = 0; kh < K; ++kh) {
-      const int32_t h_row = clamp_to(h_start + kh, H) * W;  // within a plane: < 2^31 (host-checked)
-LIP_UNROLL
-      for (int kw = 0; kw < K; ++kw) {
-        const int32_t pixel = h_row + clamp_to(w_start + kw, W);
-        lv[kh][kw] = static_cast<acc_t>(l_plane[pixel]);
-        xv[kh][kw] = static_cast<acc_t>(x_plane[pixel]);
-      }
-    }
-    acc_t m = -INFINITY;
-LIP_UNROLL
-    for (int kh = 0; kh < K; ++kh) {
-LIP_UNROLL
-      for (int kw = 0; kw < K; ++kw) {
-        if (!tap_inside(h_start + kh, w_start + kw, H, W)) lv[kh][kw] = -INFINITY;
-        Step::max_tap(m, lv[kh][kw]);
-      }
-    }
-    m = Step::reference_max(m);
-    acc_t sum = 0, weighted = 0;
-LIP_UNROLL
-    for (int kh = 0; kh < K; ++kh) {
-LIP_UNROLL
-      for (int kw = 0; kw < K; ++kw) Step::add_tap(lv[kh][kw], xv[kh][kw], m, sum, weighted);
     }
     acc_t y, inv;
     Step::finish(sum, weighted, y, inv);
