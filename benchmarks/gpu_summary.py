@@ -50,6 +50,32 @@ def pytest_counts(text: str) -> Optional[Dict[str, int]]:
     return counts
 
 
+_NCU_SCALE = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3,
+              "ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "nsecond": 1e-3}
+
+
+def ncu_kernels(text: str) -> List[Dict[str, Any]]:
+    """One row per kernel of the ncu step's report: the kernel's template
+    arguments, time (us), DRAM MB read and written, GB/s over its time and
+    ncu's DRAM throughput as a % of peak."""
+    rows = []
+    for block in re.split(r"\n  (?=\S.*lip_kernel_entry<)", "\n" + text)[1:]:
+        name = re.search(r"lip_kernel_entry<(\w+)<([^>]*)>", block)
+        metrics = {m.group(1): float(m.group(3).replace(",", "")) * _NCU_SCALE.get(m.group(2), float("nan"))
+                   for m in re.finditer(r"^\s+([a-z_]+__\S+)\s+(\S+)\s+([\d.,]+)\s*$", block, re.M)}
+        pct = re.search(r"dram__throughput\.avg\.pct_of_peak_sustained_elapsed\s+%\s+([\d.]+)", block)
+        if name is None or "gpu__time_duration.sum" not in metrics:
+            continue
+        us = metrics["gpu__time_duration.sum"]
+        read, write = metrics.get("dram__bytes_read.sum"), metrics.get("dram__bytes_write.sum")
+        args = name.group(2).replace("c10::BFloat16", "bf16").replace("c10::Half", "half")
+        rows.append({"kernel": f"{name.group(1)}<{', '.join(a.strip() for a in args.split(','))}>", "us": us,
+                     "read_mb": read, "write_mb": write,
+                     "gbps": (read + write) / us * 1e3 if read is not None and write is not None and us else None,
+                     "dram_pct_of_peak": float(pct.group(1)) if pct else None})
+    return rows
+
+
 def sanitizer_verdict(text: str, step: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if step is None:
         return {"verdict": "not run"}
@@ -172,6 +198,7 @@ def main() -> int:
     results["train"] = {p.stem: load_json(p) for p in sorted(work.glob("train_*.json"))}
     results["workload"] = log_of(work, "workload").strip().splitlines()[-1:] if args.mode == "cpu" else None
     results["ncu"] = log_of(work, "ncu")[-20000:] or None
+    results["ncu_kernels"] = ncu_kernels(log_of(work, "ncu"))
 
     lines = [f"gpu_check ({args.mode}) at commit {commit}"]
     lines += [f"  {l}" for l in results["environment"]]
@@ -223,6 +250,11 @@ def main() -> int:
         ratio = r_ms / f_ms if f_ms and r_ms else None
         lines.append(f"  {name}: fused {fmt(f_ms, '.1f')} ms, reference {fmt(r_ms, '.1f')} ms, "
                      f"ratio {fmt(ratio, '.2f', 'x')}")
+    if results["ncu_kernels"]:
+        lines.append("ncu, one s2b-sized call per kernel (us, DRAM MB read / written, GB/s, % of DRAM peak):")
+        for r in results["ncu_kernels"]:
+            lines.append(f"  {r['kernel']:<58} {fmt(r['us'], '8.1f')} {fmt(r['read_mb'], '8.1f')} "
+                         f"{fmt(r['write_mb'], '8.1f')} {fmt(r['gbps'], '6.0f')} {fmt(r['dram_pct_of_peak'], '5.1f', '%')}")
     lines.append("targets of the fast-kernels issue (fast variant):")
     for line in target_lines(results["speedups"], results["train"]):
         lines.append(f"  {line}")

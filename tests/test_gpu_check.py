@@ -2,6 +2,7 @@
 here at tiny sizes on the CPU so the script itself is tested in CI."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -118,6 +119,52 @@ def test_sanitizer_verdicts():
     assert gpu_summary.sanitizer_verdict("Device not supported\n", step)["verdict"] == "unavailable"
     assert gpu_summary.sanitizer_verdict("", None)["verdict"] == "not run"
 
+
+
+def _ncu_block(kernel: str, us: float, read_mb: float, write_mb: float, pct: float) -> str:
+    """One kernel's section of an ncu --metrics report, as the H200 run
+    printed it, with the time in ms and the reads in Gbyte when large."""
+    time = ("ms", f"{us / 1e3:.4f}") if us >= 1000 else ("us", f"{us:.2f}")
+    read = ("Gbyte", f"{read_mb / 1e3:.4f}") if read_mb >= 1000 else ("Mbyte", f"{read_mb:.2f}")
+    return (f"  void (anonymous namespace)::lip_kernel_entry<{kernel}, ForwardArgs<float, float, float>>(T2) "
+            "(100352, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+            "    Section: Command line profiler metrics\n"
+            "    -------------------------------------------------- ----------- ------------\n"
+            "    Metric Name                                        Metric Unit Metric Value\n"
+            "    -------------------------------------------------- ----------- ------------\n"
+            f"    dram__bytes_read.sum                                     {read[0]:>5} {read[1]:>12}\n"
+            f"    dram__bytes_write.sum                                    Mbyte {write_mb:>12.2f}\n"
+            f"    dram__throughput.avg.pct_of_peak_sustained_elapsed           % {pct:>12.2f}\n"
+            f"    gpu__time_duration.sum                                  {time[0]:>6} {time[1]:>12}\n"
+            "    -------------------------------------------------- ----------- ------------\n\n")
+
+
+def test_ncu_report_is_tabulated():
+    """gpu_summary turns the ncu step's report into one row per kernel:
+    random figures in both units ncu uses come back, in us and MB; the
+    committed H200 report gives a complete row for each of its kernels."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    rng = random.Random()
+    cases = [(f"FastForwardPlanes<3, 2, 1, float, float, float{'' if i == 0 else ', ' + str(i)}>",
+              rng.uniform(10, 3000), rng.uniform(50, 3000), rng.uniform(10, 900), rng.uniform(5, 95))
+             for i in range(4)]
+    text = "==PROF== Connected to process 2614\n" + "".join(_ncu_block(*c) for c in cases)
+    rows = gpu_summary.ncu_kernels(text)
+    assert len(rows) == len(cases)
+    for row, (kernel, us, read_mb, write_mb, pct) in zip(rows, cases):
+        assert row["kernel"] == kernel
+        assert row["us"] == pytest.approx(us, rel=1e-3) and row["read_mb"] == pytest.approx(read_mb, rel=1e-3)
+        assert row["write_mb"] == pytest.approx(write_mb, abs=0.01)
+        assert row["dram_pct_of_peak"] == pytest.approx(pct, abs=0.01)
+        assert row["gbps"] == pytest.approx((read_mb + write_mb) / us * 1e3, rel=2e-3)
+    committed = (ROOT / "benchmarks/results/gpu_h200_a03eee0/ncu.txt").read_text()
+    rows = gpu_summary.ncu_kernels(committed)
+    assert len(rows) == committed.count("gpu__time_duration.sum") > 0
+    assert all(None not in row.values() for row in rows)
 
 
 TARGETS = {  # the fast-kernels issue's targets, as gpu_summary.target_lines words them
