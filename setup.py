@@ -89,7 +89,24 @@ def openmp_flags() -> list:
     return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
+# The oldest torch whose C++ autograd API the extension's autograd node
+# compiles against (compiled autograd's CompiledNodeArgs / IValuePacker
+# forms); CI compiles the sources against this version's headers too.
+MIN_TORCH = (2, 7)
+
+
+def check_torch_version() -> None:
+    import torch
+
+    found = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if found < MIN_TORCH:
+        raise RuntimeError(
+            f"lip_cuda needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} to build (its autograd node uses "
+            f"that C++ API), but torch {torch.__version__} is installed: pip install -U torch")
+
+
 def extension():
+    check_torch_version()
     isa_sources = cpu_isa_sources()
     sources = [f"{CSRC}/{name}" for name in (
         "module.cpp", "lip2d.cpp", "lip2d_autograd.cpp", "lip2d_cpu.cpp", "lip2d_cpu_launch.cpp",
@@ -130,7 +147,7 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lip-train = lip_cuda.train:cli"]},
 )

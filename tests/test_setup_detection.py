@@ -128,3 +128,17 @@ def test_setup_py_stops_before_compiling(tmp_path: Path) -> None:
     # Forcing the CPU build gets past the check with the same bad CUDA_HOME.
     forced = run_setup({"CUDA_HOME": str(bad), "LIP_CUDA_FORCE_CPU": "1"})
     assert forced.returncode == 0 and forced.stdout.strip().endswith("0.1.0"), forced.stderr
+
+
+@pytest.mark.parametrize("version", ["2.6.0+cu124", "2.4.1", "1.13.1+cpu"])
+def test_setup_py_refuses_a_torch_too_old_for_the_autograd_node(version: str) -> None:
+    """Before 2.7 the extension's autograd node does not compile (CI compiles
+    against 2.7's headers): setup.py says which torch it needs instead."""
+    script = ("import sys, runpy, torch; torch.__version__ = sys.argv[1]; "
+              "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["LIP_CUDA_FORCE_CPU"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script, version], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "lip_cuda needs torch >= 2.7" in proc.stderr and version in proc.stderr, proc.stderr
