@@ -83,7 +83,9 @@ def lip2d(
             broadcast is expanded first. Its dtype may differ from x's: a
             float32 logit with float16/bfloat16 x (what autocast produces) is
             read natively; other mixes convert the logit to x's dtype
-            (float32 for half x).
+            (float32 for half x), so a float64 logit with narrower x loses
+            its extra digits: weights off by up to about |logit| * 1.2e-7
+            relative.
         kernel_size, stride, padding, ceil_mode: as torch.nn.functional.avg_pool2d
             takes them (stride=None means kernel_size); padding at most
             kernel_size // 2.

@@ -338,6 +338,123 @@ def test_unbatched_input(logit_shape, device, seed):
     torch.testing.assert_close(gl.cpu(), gl_ref[0].sum_to_size(logit.shape))
 
 
+# Tolerance of a combined call, by dtype (see its use).
+COMBINED_TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def random_combined_call(rng: random.Random, device: str):
+    """One call drawing every interface feature at once: geometry (stride
+    None included), ceil_mode, empty batch, unbatched x, a broadcast logit of
+    another dtype, -inf masks, contiguous / channels_last / strided /
+    transposed storage and magnitudes from 1e-3 to 1e3."""
+    kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+    stride = None if rng.random() < 0.1 else (rng.randint(1, 4), rng.randint(1, 4))
+    pad = (rng.randint(0, kh // 2), rng.randint(0, kw // 2))
+    ceil = rng.random() < 0.4
+    h, w = rng.randint(max(1, kh - 2 * pad[0]), 20), rng.randint(max(1, kw - 2 * pad[1]), 20)
+    n, c = rng.choice([0, 1, 2, 3]), rng.choice([1, 3, 8, 9, 17, 21, 33, 65])
+    unbatched = rng.random() < 0.2
+    x_dtype = rng.choice(list(COMBINED_TOL))
+    l_dtype = rng.choice([x_dtype, torch.float32, rng.choice(list(COMBINED_TOL))])
+    x_shape = (c, h, w) if unbatched else (n, c, h, w)
+    l_shape = rng.choice([x_shape, x_shape[-2:], (1,) * (len(x_shape) - 2) + (h, w)]
+                         + ([] if unbatched else [(1, c, h, w), (n, 1, h, w), (n, c, 1, w)]))
+    x = (torch.randn(x_shape, dtype=torch.float64) * 10 ** rng.uniform(-3, 2)).to(x_dtype)
+    # large offsets except for a float64 logit with narrower x, which the
+    # kernels round (test_float64_logit_with_float32_x_rounds_as_documented)
+    narrowed = l_dtype == torch.float64 and x_dtype != torch.float64
+    offsets = [0.0, 5.0] + ([] if narrowed else [300.0, -50.0])
+    logit = torch.randn(l_shape, dtype=torch.float64) * rng.choice([0.1, 1.0, 3.0, 12.0]) + rng.choice(offsets)
+    if rng.random() < 0.3:
+        logit = logit.masked_fill(torch.rand(l_shape) < 0.3, float("-inf"))
+    logit = logit.to(l_dtype)
+
+    def store(t: torch.Tensor, how: str) -> torch.Tensor:
+        if how == "channels_last" and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        if how == "strided":  # every other element of a wider tensor
+            wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+            wide[..., ::2] = t
+            return wide[..., ::2]
+        if how == "transposed":
+            return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return t
+
+    storage = ["contiguous", "channels_last", "strided", "transposed"]
+    x = store(x, rng.choice(storage)).to(device)
+    logit = store(logit, rng.choice(storage)).to(device)
+    return x, logit, (kh, kw), stride, pad, ceil
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("draw", range(24))
+def test_random_combined_calls_match_oracle(draw, device, seed):
+    """The interface features together, as users mix them: forward and both
+    gradients against the oracle on the expanded logit. A window whose logits
+    are all -inf gives 0 and no gradient (the oracle: NaN)."""
+    rng = random.Random(seed * 1000 + draw)
+    x, logit, k, s, p, ceil = random_combined_call(rng, device)
+    print(f"x {tuple(x.shape)} {x.dtype} stride {x.stride()}, logit {tuple(logit.shape)} {logit.dtype} "
+          f"stride {logit.stride()}, k {k} s {s} p {p} ceil_mode {ceil}")
+    unbatched = x.dim() == 3
+    out_shape = F.avg_pool2d(torch.empty((1,) + x.shape[-3:]), k, s, p, ceil_mode=ceil).shape
+    out_shape = out_shape[1:] if unbatched else (x.shape[0],) + out_shape[1:]
+    grad_out = torch.randn(out_shape, dtype=torch.float64).to(x.dtype).to(device)
+    xg, lg = x.detach().requires_grad_(), logit.detach().requires_grad_()
+    poison_allocator(max(x.numel(), 1), x.dtype, device)
+    y = lip_cuda.lip2d(xg, lg, k, s, p, ceil)
+    assert y.shape == out_shape and y.dtype == x.dtype
+    if y.numel():
+        gx, gl = torch.autograd.grad(y, (xg, lg), grad_out)
+    else:  # nothing to differentiate; the oracle below still checks shapes
+        gx, gl = torch.zeros_like(x), torch.zeros_like(logit)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    assert gl.shape == logit.shape and gl.dtype == logit.dtype
+
+    l64 = logit.cpu().double().requires_grad_()
+    x64 = x.cpu().double().requires_grad_()
+    batch = (lambda t: t[None]) if unbatched else (lambda t: t)
+    y_ref = window_softmax_lip(batch(x64), batch(l64.expand(x.shape)), k, s if s is not None else k, p,
+                               ceil)
+    y_ref = y_ref[0] if unbatched else y_ref
+    if y_ref.numel():
+        gx_ref, gl_ref = torch.autograd.grad(y_ref, (x64, l64), grad_out.cpu().double())
+    else:
+        gx_ref, gl_ref = torch.zeros_like(x64), torch.zeros_like(l64)
+    y_ref, gx_ref, gl_ref = (torch.nan_to_num(t.detach(), nan=0.0) for t in (y_ref, gx_ref, gl_ref))
+    # the kernels compute in x's dtype (float32 for half x), a logit of another
+    # dtype converted to it; y and grad_x round to x's dtype, grad_logit to
+    # the logit's
+    tol_x = COMBINED_TOL[x.dtype]
+    tol_l = max(tol_x, COMBINED_TOL[logit.dtype])
+    # grad_logit is a sum of g w (x - y): its rounding scales with |x| |g|
+    gl_scale = x.abs().max().item() * grad_out.abs().max().item() if x.numel() else 0.0
+    for name, got, want, scale, tol in (("y", y, y_ref, 0.0, tol_x), ("grad_x", gx, gx_ref, 0.0, tol_x),
+                                        ("grad_logit", gl, gl_ref, gl_scale, tol_l)):
+        if want.numel():
+            scale = max(scale, want.abs().max().item())
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+def test_float64_logit_with_float32_x_rounds_as_documented(offset, device, seed):
+    """A float64 logit with float32 x is converted to float32: each logit
+    rounds by up to |logit| 2^-24, so y is off from the float64 oracle by up
+    to about |logit| 1.2e-7 of its scale (lip2d's docstring, the README)."""
+    x = torch.randn(2, 5, 11, 12, dtype=torch.float64).float().to(device)
+    logit = (torch.randn(2, 5, 11, 12, dtype=torch.float64) * 3 + offset).to(device)
+    y = lip_cuda.lip2d(x, logit)
+    y_ref = window_softmax_lip(x.cpu().double(), logit.cpu(), 3, 2, 1)
+    bound = logit.abs().max().item() * 1.2e-7 * x.abs().max().item()
+    err = (y.cpu().double() - y_ref).abs().max().item()
+    assert err <= bound, (err, bound)
+    # and the rounding is what it costs: the same logit given as float32
+    y32 = lip_cuda.lip2d(x, logit.float())
+    assert torch.equal(y, y32)
+
+
 # (largest x, a logit far enough below 0 that x * exp(logit) is < 1e-30)
 MASK_X = {torch.float32: (3e38, -200.0), torch.bfloat16: (3e38, -200.0), torch.float16: (6e4, -200.0),
           torch.float64: (1e308, -800.0)}
