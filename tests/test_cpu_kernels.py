@@ -146,6 +146,34 @@ def test_all_layouts_bitwise_equal(case, dtype, monkeypatch, seed):
     assert_matches_oracle(results["rows"], oracle_with_grads(x, logit, grad_out, k, s, p, ceil), dtype)
 
 
+# (shape, layout): blocks and channels_last kernels, rows and gather planes
+THREAD_CASES = [((2, 40, 28, 28), "channels_last"), ((2, 40, 28, 28), "contiguous"),
+                ((1, 3, 150, 131), "contiguous"), ((3, 5, 9, 600), "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + c[1])
+def test_results_do_not_depend_on_the_thread_count(case, dtype, seed):
+    """The strips and their references are fixed by the geometry, not by how
+    the tasks split across threads: 1, 2 and 5 threads give the same bits,
+    forward and backward (a run reproduces on a machine with other cores)."""
+    shape, layout = case
+    x, logit = random_inputs(shape, dtype, layout, logit_high=12.0)
+    grad_out = torch.randn(torch.nn.functional.avg_pool2d(x.float(), 3, 2, 1).shape).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            results.append(fused_with_grads(x, logit, grad_out, 3, 2, 1, False)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    assert_matches_oracle(results[0], oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels", [16, 48, 85])
 def test_channels_last_unrolled_windows_equal_rows(channels, dtype, monkeypatch, seed):
