@@ -346,7 +346,8 @@ def random_combined_call(rng: random.Random, device: str):
     """One call drawing every interface feature at once: geometry (stride
     None included), ceil_mode, empty batch, unbatched x, a broadcast logit of
     another dtype, -inf masks, contiguous / channels_last / strided /
-    transposed storage and magnitudes from 1e-3 to 1e3."""
+    transposed storage, x magnitudes from 1e-3 to 1e2 and logit offsets
+    up to 300."""
     kh, kw = rng.randint(1, 5), rng.randint(1, 5)
     stride = None if rng.random() < 0.1 else (rng.randint(1, 4), rng.randint(1, 4))
     pad = (rng.randint(0, kh // 2), rng.randint(0, kw // 2))
