@@ -401,28 +401,16 @@ def test_random_combined_calls_match_oracle(draw, device, seed):
     out_shape = F.avg_pool2d(torch.empty((1,) + x.shape[-3:]), k, s, p, ceil_mode=ceil).shape
     out_shape = out_shape[1:] if unbatched else (x.shape[0],) + out_shape[1:]
     grad_out = torch.randn(out_shape, dtype=torch.float64).to(x.dtype).to(device)
-    xg, lg = x.detach().requires_grad_(), logit.detach().requires_grad_()
-    poison_allocator(max(x.numel(), 1), x.dtype, device)
-    y = lip_cuda.lip2d(xg, lg, k, s, p, ceil)
+    y, gx, gl = run_fused(x, logit, grad_out, k, s, p, ceil)
     assert y.shape == out_shape and y.dtype == x.dtype
-    if y.numel():
-        gx, gl = torch.autograd.grad(y, (xg, lg), grad_out)
-    else:  # nothing to differentiate; the oracle below still checks shapes
-        gx, gl = torch.zeros_like(x), torch.zeros_like(logit)
     assert gx.shape == x.shape and gx.dtype == x.dtype
     assert gl.shape == logit.shape and gl.dtype == logit.dtype
-
-    l64 = logit.cpu().double().requires_grad_()
-    x64 = x.cpu().double().requires_grad_()
     batch = (lambda t: t[None]) if unbatched else (lambda t: t)
-    y_ref = window_softmax_lip(batch(x64), batch(l64.expand(x.shape)), k, s if s is not None else k, p,
-                               ceil)
-    y_ref = y_ref[0] if unbatched else y_ref
-    if y_ref.numel():
-        gx_ref, gl_ref = torch.autograd.grad(y_ref, (x64, l64), grad_out.cpu().double())
-    else:
-        gx_ref, gl_ref = torch.zeros_like(x64), torch.zeros_like(l64)
-    y_ref, gx_ref, gl_ref = (torch.nan_to_num(t.detach(), nan=0.0) for t in (y_ref, gx_ref, gl_ref))
+    refs = oracle_with_grads(batch(x.cpu()), batch(logit.cpu().expand(x.shape)), batch(grad_out.cpu()),
+                             k, s if s is not None else k, p, ceil)
+    y_ref, gx_ref, gl_ref = (t[0] if unbatched else t for t in refs)
+    gl_ref = gl_ref.sum_to_size(logit.shape)
+    y_ref, gx_ref, gl_ref = (torch.nan_to_num(t, nan=0.0) for t in (y_ref, gx_ref, gl_ref))
     # the kernels compute in x's dtype (float32 for half x), a logit of another
     # dtype converted to it; y and grad_x round to x's dtype, grad_logit to
     # the logit's
