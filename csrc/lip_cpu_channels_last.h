@@ -74,12 +74,14 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg, bool
 // Both gradients of NB neighbouring lane blocks of one input pixel over its
 // NOH x NOW covering outputs, unrolled: the grad_tap order of gather_grads
 // (bitwise equal), with the NB blocks' independent chains overlapping
-// (interleaved kGradPack at a time; flattened, see PackMath).
-template <int NOH, int NOW, int NB, typename x_t, typename l_t>
+// (interleaved kGradPack at a time; flattened, see PackMath). Stream: the
+// gradients stream past the cache (stream_bits); a template argument, as a
+// run-time flag put a branch before every store, and GCC then computed the
+// bfloat16 blocks one after another between them instead of interleaved.
+template <bool Stream, int NOH, int NOW, int NB, typename x_t, typename l_t>
 [[gnu::flatten]] inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go,
                                             const x_t* yo, const float* mo, const float* invo,
-                                            int64_t o_row, int64_t o_col, x_t* gx, l_t* gl,
-                                            bool stream) {
+                                            int64_t o_row, int64_t o_col, x_t* gx, l_t* gl) {
   // packs of P blocks, each step of a tap interleaved over the pack
   constexpr int P = NB < kGradPack ? NB : kGradPack;
   static_assert(NB % P == 0, "whole packs");
@@ -173,8 +175,10 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
     LIP_UNROLL
     for (int i = 0; i < P; ++i) {
       const int b = q * P + i;
-      store_full(gx + b * kLanes, dx[q][i], stream);
-      store_full(gl + b * kLanes, dl[q][i], stream);
+      // (streamed only where every pixel's channels are whole cache lines:
+      // the vectors are aligned)
+      store_full(gx + b * kLanes, dx[q][i], Stream, /*aligned=*/true);
+      store_full(gl + b * kLanes, dl[q][i], Stream, /*aligned=*/true);
     }
   }
 }
@@ -182,16 +186,16 @@ template <int NOH, int NOW, int NB, typename x_t, typename l_t>
 // grads_unrolled for an input covered by noh x now outputs, each 1 or 2.
 // Inlined by force: called once per pixel, and out of line (GCC's choice
 // for its two callers) it made both backward kernels 3-12% slower.
-template <int NB, typename x_t, typename l_t>
+template <int NB, bool Stream = false, typename x_t, typename l_t>
 [[gnu::always_inline]] inline void grads_covered(int64_t noh, int64_t now, const x_t* xi,
                                                  const l_t* li, const x_t* go, const x_t* yo,
                                                  const float* mo, const float* invo, int64_t o_row,
-                                                 int64_t o_col, x_t* gx, l_t* gl, bool stream) {
+                                                 int64_t o_col, x_t* gx, l_t* gl) {
   switch ((noh - 1) * 2 + (now - 1)) {
-    case 0: grads_unrolled<1, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
-    case 1: grads_unrolled<1, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
-    case 2: grads_unrolled<2, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
-    default: grads_unrolled<2, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl, stream); break;
+    case 0: grads_unrolled<Stream, 1, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
+    case 1: grads_unrolled<Stream, 1, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
+    case 2: grads_unrolled<Stream, 2, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
+    default: grads_unrolled<Stream, 2, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
   }
 }
 
@@ -218,7 +222,9 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
   const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
       backward_pointers<x_t, l_t>(t);
   const int64_t ahead = backward_prefetch_pixels(g.C * int64_t(sizeof(x_t)));
-  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+  // rows [begin, end), their gradients streamed (Stream) or not
+  const auto rows = [&](auto streamed, int64_t begin, int64_t end) {
+    constexpr bool Stream = decltype(streamed)::value;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H;
       const int64_t h = row % g.H;
@@ -248,11 +254,11 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
             const int64_t o_row = g.OW * g.C;
             const int64_t o_col = g.C;
             if (blocks == kBlocks) {
-              grads_covered<kBlocks>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o,
-                                     o_row, o_col, gx_ptr + i, gl_ptr + i, stream);
+              grads_covered<kBlocks, Stream>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o,
+                                             inv_ptr + o, o_row, o_col, gx_ptr + i, gl_ptr + i);
             } else {
-              grads_covered<1>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o, o_row,
-                               o_col, gx_ptr + i, gl_ptr + i, stream);
+              grads_covered<1, Stream>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o,
+                                       o_row, o_col, gx_ptr + i, gl_ptr + i);
             }
             c0 += blocks * kLanes;
             continue;
@@ -269,13 +275,20 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
                 inv = load_lanes(inv_ptr + o, count);
               },
               dx, dl);
-          store_lanes(gx_ptr + i, dx, count, stream);
-          store_lanes(gl_ptr + i, dl, count, stream);
+          store_lanes(gx_ptr + i, dx, count, Stream);
+          store_lanes(gl_ptr + i, dl, count, Stream);
           c0 += kLanes;
         }
       }
     }
-    if (stream) cpu_math::stream_fence();
+  };
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    if (stream) {
+      rows(std::true_type(), begin, end);
+      cpu_math::stream_fence();
+    } else {
+      rows(std::false_type(), begin, end);
+    }
   });
 }
 

@@ -501,7 +501,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
           const int64_t o = ((oh0 - r.oh0) * g.OW + ow0) * width;
           const auto covered = [&](auto blocks) {
             grads_covered<decltype(blocks)::value>(noh, now, xb + i, lb + i, gb + o, yb + o, maxb + o, invb + o,
-                                                   o_row, width, xb + i, lb + i, false);
+                                                   o_row, width, xb + i, lb + i);
           };
           switch (b.blocks()) {
             case 1: covered(std::integral_constant<int, 1>()); break;
