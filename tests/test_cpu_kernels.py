@@ -755,6 +755,56 @@ def test_every_isa_build_gives_negligible_logits_no_weight(far, dtype, monkeypat
             assert torch.equal(got[2].double(), torch.zeros(1, 17, 1, 6, dtype=torch.float64)), (isa, layout, planes)
 
 
+@needs_isa_builds
+@pytest.mark.parametrize("planes", ["channels_last", "blocks", "rows", "gather"])
+def test_every_isa_build_converts_bfloat16_as_torch(planes, monkeypatch, seed):
+    """Each ISA build's bfloat16 loads and stores (their own vector code:
+    unpacks and byte shuffles on AVX2) give torch's bits: round to nearest
+    even, ties included, and NaN as 0x7fc0, as c10's scalar conversion
+    stores it (torch's vectorised one stores 0xffff). Equal logits make
+    every weight exactly 1, so with 1 x 3 windows at stride 2 an output is
+    the float ((x1 + x2) + x3) / 3 and an odd column's x gradient (one
+    covering output) the float product grad_out * float(1/3): the kernels'
+    final rounding to bfloat16 is the only one the two sides can differ by."""
+    torch.manual_seed(seed)
+    layout = "channels_last" if planes == "channels_last" else "contiguous"
+    if planes != "channels_last":
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", planes)
+    shape = (2, 19, 5, 61)  # full lane vectors and a partial one in every ISA
+    x = (torch.randn(shape) * torch.exp2(torch.randint(-3, 4, shape).float())).bfloat16()
+    x[1, 4, 2, 6] = float("nan")  # in two windows
+    logit = torch.full(shape, 0.75, dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x, logit = (t.to(memory_format=torch.channels_last) for t in (x, logit))
+    xf = x.float()
+    exact_y = ((xf[..., 0:60:2] + xf[..., 1:61:2]) + xf[..., 2:61:2]) / 3
+    want_y = exact_y.bfloat16()
+    assert (want_y.float() != exact_y).float().mean() > 0.5  # roundings, up and down
+    grad_out = (torch.randn(2, 19, 5, 30) * 1e38).bfloat16()
+    grad_out[0, 7, 1, 2] = float("nan")
+    if layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    want_gx = (grad_out.float() * (torch.tensor(1.0) / 3)).bfloat16()
+    kernel_name = planes if planes == "channels_last" else "planes_" + planes
+    for isa in runnable_isas():
+        monkeypatch.setenv("LIP_CUDA_CPU_ISA", isa)
+        y, window_max, inv = ops.lip2d_forward(x, logit, [1, 3], [1, 2], [0, 0], False)
+        assert ops._lip2d_last_kernel().startswith(f"cpu_{isa}_"), isa
+        assert_same_bfloat16_bits(y, want_y, isa)
+        gx = ops.lip2d_backward(grad_out, x, logit, y, window_max, inv, [1, 3], [1, 2], [0, 0], False)[0]
+        if not (planes == "gather" and isa == "default"):  # (no gather kernel in 4 lanes)
+            assert ops._lip2d_last_kernel() == f"cpu_{isa}_{kernel_name}"
+        assert_same_bfloat16_bits(gx[..., 1::2], want_gx, isa)
+        assert torch.isnan(y).sum() == 2 and torch.isnan(gx[..., 1::2]).sum() == 1
+
+
+def assert_same_bfloat16_bits(got, want, isa):
+    got, want = got.contiguous().view(torch.int16), want.contiguous().view(torch.int16)
+    nan = torch.isnan(want.view(torch.bfloat16))
+    assert torch.equal(got[~nan], want[~nan]), isa
+    assert bool((got[nan] == 0x7fc0).all()), isa
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_avx512bf16_build_stores_the_bits_of_the_avx512_build(layout, monkeypatch, seed):
     """The AVX512-BF16 build rounds float to bfloat16 with VCVTNEPS2BF16,
