@@ -78,107 +78,125 @@ void forward_channels_last(const ForwardTensors& t, const CallGeometry& cg, bool
 // gradients stream past the cache (stream_bits); a template argument, as a
 // run-time flag put a branch before every store, and GCC then computed the
 // bfloat16 blocks one after another between them instead of interleaved.
+//
+// `groups` such runs of NB blocks side by side (the channels of a
+// channels_last pixel), each NB * kLanes elements on from the last: one call
+// a pixel. With a call per group of 4 blocks (out of line, GCC's choice),
+// the calls and the loop around them took 12-14% of the AVX2 backward's
+// samples at 1024 channels; one call a pixel made the float32 channels_last
+// backward 7-15% faster on Zen 1 (docs/kernels.md). fetch_x, fetch_l: where
+// each group's x and logit lie for a pixel fetched ahead (element offsets;
+// fetch_x 0: none).
 template <bool Stream, int NOH, int NOW, int NB, typename x_t, typename l_t>
-[[gnu::flatten]] inline void grads_unrolled(const x_t* xi, const l_t* li, const x_t* go,
+[[gnu::flatten]] inline void grads_unrolled(int64_t groups, int64_t fetch_x, int64_t fetch_l,
+                                            const x_t* xi, const l_t* li, const x_t* go,
                                             const x_t* yo, const float* mo, const float* invo,
                                             int64_t o_row, int64_t o_col, x_t* gx, l_t* gl) {
-  // packs of P blocks, each step of a tap interleaved over the pack
-  constexpr int P = NB < kGradPack ? NB : kGradPack;
-  static_assert(NB % P == 0, "whole packs");
-  using V = typename PackStep<P>::V;
-  V xv[NB / P], lv[NB / P], dx[NB / P], dl[NB / P];
-  LIP_UNROLL
-  for (int q = 0; q < NB / P; ++q) {
-    LIP_UNROLL
-    for (int i = 0; i < P; ++i) {
-      const int b = q * P + i;
-      xv[q][i] = load_full(xi + b * kLanes);
-      lv[q][i] = load_full(li + b * kLanes);
-      dx[q][i] = splat(0.0f);
-      dl[q][i] = splat(0.0f);
+  constexpr int64_t kStep = NB * kLanes;
+  for (int64_t group = 0; group < groups; ++group, xi += kStep, li += kStep, go += kStep, yo += kStep,
+               mo += kStep, invo += kStep, gx += kStep, gl += kStep) {
+    if (fetch_x != 0) {
+      prefetch_range(xi + fetch_x, kStep * int64_t(sizeof(x_t)));
+      prefetch_range(li + fetch_l, kStep * int64_t(sizeof(l_t)));
     }
-  }
-  // Where every covering output weighs its taps relative to the same
-  // reference (all outputs of one tile-form strip, in every lane and block),
-  // exp(l_i - m_o) is one exp for all of them: the same bits as one each.
-  // Not for a lone block, whose interleaved exps below measured as fast;
-  // AVX2 only (kShareTapExps).
-  bool shared = false;
-  if constexpr (kShareTapExps && NOH * NOW > 1 && NB > 1) {
-    cpu_math::LaneInts same = cpu_math::LaneInts{} == 0;
-    LIP_UNROLL
-    for (int t = 1; t < NOH * NOW; ++t) {
-      const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
-      LIP_UNROLL
-      for (int b = 0; b < NB; ++b) same &= load(mo + off + b * kLanes) == load(mo + b * kLanes);
-    }
-    shared = cpu_math::all_set(same);
-  }
-  // every (covering output, pack) in grad_tap's order, its four values loaded
-  const auto for_each_tap = [&](auto&& tap) {
-    LIP_UNROLL
-    for (int a = 0; a < NOH; ++a) {
-      LIP_UNROLL
-      for (int c = 0; c < NOW; ++c) {
-        LIP_UNROLL
-        for (int q = 0; q < NB / P; ++q) {
-          V gv, yv, mv, iv;
-          LIP_UNROLL
-          for (int i = 0; i < P; ++i) {
-            const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
-            gv[i] = load_full(go + off);
-            yv[i] = load_full(yo + off);
-            mv[i] = load(mo + off);
-            iv[i] = load(invo + off);
-          }
-          tap(q, gv, yv, mv, iv);
-        }
-      }
-    }
-  };
-  if (shared) {
-    V e[NB / P];
+    // packs of P blocks, each step of a tap interleaved over the pack
+    constexpr int P = NB < kGradPack ? NB : kGradPack;
+    static_assert(NB % P == 0, "whole packs");
+    using V = typename PackStep<P>::V;
+    V xv[NB / P], lv[NB / P], dx[NB / P], dl[NB / P];
     LIP_UNROLL
     for (int q = 0; q < NB / P; ++q) {
-      V mv;
       LIP_UNROLL
-      for (int i = 0; i < P; ++i) mv[i] = load(mo + (q * P + i) * kLanes);
-      e[q] = PackStep<P>::tap_weight(lv[q], mv);
+      for (int i = 0; i < P; ++i) {
+        const int b = q * P + i;
+        xv[q][i] = load_full(xi + b * kLanes);
+        lv[q][i] = load_full(li + b * kLanes);
+        dx[q][i] = splat(0.0f);
+        dl[q][i] = splat(0.0f);
+      }
     }
-    for_each_tap([&](int q, const V& gv, const V& yv, const V&, const V& iv) {
-      PackStep<P>::grad_weight_tap(e[q], xv[q], gv, yv, iv, dx[q], dl[q]);
-    });
-  } else if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
-    // one lane block: its covering outputs' exps interleaved instead, all
-    // of them first, then the taps in grad_tap's order (the same bits)
-    constexpr int T = NOH * NOW;
-    typename PackStep<T>::V logits, refs;
-    LIP_UNROLL
-    for (int t = 0; t < T; ++t) {
-      logits[t] = lv[0][0];
-      refs[t] = load(mo + (t / NOW) * o_row + (t % NOW) * o_col);
+    // Where every covering output weighs its taps relative to the same
+    // reference (all outputs of one tile-form strip, in every lane and block),
+    // exp(l_i - m_o) is one exp for all of them: the same bits as one each.
+    // Not for a lone block, whose interleaved exps below measured as fast;
+    // AVX2 only (kShareTapExps).
+    bool shared = false;
+    if constexpr (kShareTapExps && NOH * NOW > 1 && NB > 1) {
+      cpu_math::LaneInts same = cpu_math::LaneInts{} == 0;
+      LIP_UNROLL
+      for (int t = 1; t < NOH * NOW; ++t) {
+        const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
+        LIP_UNROLL
+        for (int b = 0; b < NB; ++b) same &= load(mo + off + b * kLanes) == load(mo + b * kLanes);
+      }
+      shared = cpu_math::all_set(same);
     }
-    const auto e = PackStep<T>::tap_weight(logits, refs);
-    LIP_UNROLL
-    for (int t = 0; t < T; ++t) {
-      const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
-      Step::grad_weight_tap(e[t], xv[0][0], load_full(go + off), load_full(yo + off),
-                            load(invo + off), dx[0][0], dl[0][0]);
+    // every (covering output, pack) in grad_tap's order, its four values loaded
+    const auto for_each_tap = [&](auto&& tap) {
+      LIP_UNROLL
+      for (int a = 0; a < NOH; ++a) {
+        LIP_UNROLL
+        for (int c = 0; c < NOW; ++c) {
+          LIP_UNROLL
+          for (int q = 0; q < NB / P; ++q) {
+            V gv, yv, mv, iv;
+            LIP_UNROLL
+            for (int i = 0; i < P; ++i) {
+              const int64_t off = a * o_row + c * o_col + (q * P + i) * kLanes;
+              gv[i] = load_full(go + off);
+              yv[i] = load_full(yo + off);
+              mv[i] = load(mo + off);
+              iv[i] = load(invo + off);
+            }
+            tap(q, gv, yv, mv, iv);
+          }
+        }
+      }
+    };
+    if (shared) {
+      V e[NB / P];
+      LIP_UNROLL
+      for (int q = 0; q < NB / P; ++q) {
+        V mv;
+        LIP_UNROLL
+        for (int i = 0; i < P; ++i) mv[i] = load(mo + (q * P + i) * kLanes);
+        e[q] = PackStep<P>::tap_weight(lv[q], mv);
+      }
+      for_each_tap([&](int q, const V& gv, const V& yv, const V&, const V& iv) {
+        PackStep<P>::grad_weight_tap(e[q], xv[q], gv, yv, iv, dx[q], dl[q]);
+      });
+    } else if constexpr (P == 1 && kGradPack > 1 && NOH * NOW > 1) {
+      // one lane block: its covering outputs' exps interleaved instead, all
+      // of them first, then the taps in grad_tap's order (the same bits)
+      constexpr int T = NOH * NOW;
+      typename PackStep<T>::V logits, refs;
+      LIP_UNROLL
+      for (int t = 0; t < T; ++t) {
+        logits[t] = lv[0][0];
+        refs[t] = load(mo + (t / NOW) * o_row + (t % NOW) * o_col);
+      }
+      const auto e = PackStep<T>::tap_weight(logits, refs);
+      LIP_UNROLL
+      for (int t = 0; t < T; ++t) {
+        const int64_t off = (t / NOW) * o_row + (t % NOW) * o_col;
+        Step::grad_weight_tap(e[t], xv[0][0], load_full(go + off), load_full(yo + off),
+                              load(invo + off), dx[0][0], dl[0][0]);
+      }
+    } else {
+      for_each_tap([&](int q, const V& gv, const V& yv, const V& mv, const V& iv) {
+        PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
+      });
     }
-  } else {
-    for_each_tap([&](int q, const V& gv, const V& yv, const V& mv, const V& iv) {
-      PackStep<P>::grad_tap(lv[q], xv[q], gv, yv, mv, iv, dx[q], dl[q]);
-    });
-  }
-  LIP_UNROLL
-  for (int q = 0; q < NB / P; ++q) {
     LIP_UNROLL
-    for (int i = 0; i < P; ++i) {
-      const int b = q * P + i;
-      // (streamed only where every pixel's channels are whole cache lines:
-      // the vectors are aligned)
-      store_full(gx + b * kLanes, dx[q][i], Stream, /*aligned=*/true);
-      store_full(gl + b * kLanes, dl[q][i], Stream, /*aligned=*/true);
+    for (int q = 0; q < NB / P; ++q) {
+      LIP_UNROLL
+      for (int i = 0; i < P; ++i) {
+        const int b = q * P + i;
+        // (streamed only where every pixel's channels are whole cache lines:
+        // the vectors are aligned)
+        store_full(gx + b * kLanes, dx[q][i], Stream, /*aligned=*/true);
+        store_full(gl + b * kLanes, dl[q][i], Stream, /*aligned=*/true);
+      }
     }
   }
 }
@@ -190,13 +208,17 @@ template <int NB, bool Stream = false, typename x_t, typename l_t>
 [[gnu::always_inline]] inline void grads_covered(int64_t noh, int64_t now, const x_t* xi,
                                                  const l_t* li, const x_t* go, const x_t* yo,
                                                  const float* mo, const float* invo, int64_t o_row,
-                                                 int64_t o_col, x_t* gx, l_t* gl) {
+                                                 int64_t o_col, x_t* gx, l_t* gl, int64_t groups = 1,
+                                                 int64_t fetch_x = 0, int64_t fetch_l = 0) {
+#define LIP_GRADS_UNROLLED(a, c) \
+  grads_unrolled<Stream, a, c, NB>(groups, fetch_x, fetch_l, xi, li, go, yo, mo, invo, o_row, o_col, gx, gl)
   switch ((noh - 1) * 2 + (now - 1)) {
-    case 0: grads_unrolled<Stream, 1, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
-    case 1: grads_unrolled<Stream, 1, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
-    case 2: grads_unrolled<Stream, 2, 1, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
-    default: grads_unrolled<Stream, 2, 2, NB>(xi, li, go, yo, mo, invo, o_row, o_col, gx, gl); break;
+    case 0: LIP_GRADS_UNROLLED(1, 1); break;
+    case 1: LIP_GRADS_UNROLLED(1, 2); break;
+    case 2: LIP_GRADS_UNROLLED(2, 1); break;
+    default: LIP_GRADS_UNROLLED(2, 2); break;
   }
+#undef LIP_GRADS_UNROLLED
 }
 
 // Lane blocks per unrolled backward step: 4 independent chains (measured
@@ -235,34 +257,39 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
         covering_outputs<int64_t>(w, g.kW, g.sW, g.pW, g.OW, ow0, ow1);
         const int64_t noh = oh1 - oh0 + 1, now = ow1 - ow0 + 1;
         const bool unrolled = noh >= 1 && noh <= 2 && now >= 1 && now <= 2 && ls.c != 0;
-        for (int64_t c0 = 0; c0 < g.C;) {
-          const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
-          const int64_t i = ((n * g.H + h) * g.W + w) * g.C + c0;
-          if (unrolled && count == kLanes) {
-            const int64_t blocks = c0 + kBlocks * kLanes <= g.C ? kBlocks : 1;
-            const x_t* xi = x_ptr + i;
-            const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel + c0;
-            // by pixel index, so that the next row's first pixels are fetched
-            // while this row ends: stopping at the row's end left 4 of every
-            // 14 pixels unfetched (float32, 2 threads, out of cache: 14x14
-            // layers 5-10% faster; in cache 3% slower)
-            if ((h * g.W + w) + ahead < g.H * g.W) {
-              prefetch_range(xi + ahead * g.C, blocks * kLanes * int64_t(sizeof(x_t)));
-              prefetch_range(li + ahead * ls.pixel, blocks * kLanes * int64_t(sizeof(l_t)));
-            }
-            const int64_t o = ((n * g.OH + oh0) * g.OW + ow0) * g.C + c0;
-            const int64_t o_row = g.OW * g.C;
-            const int64_t o_col = g.C;
-            if (blocks == kBlocks) {
-              grads_covered<kBlocks, Stream>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o,
-                                             inv_ptr + o, o_row, o_col, gx_ptr + i, gl_ptr + i);
-            } else {
-              grads_covered<1, Stream>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o,
-                                       o_row, o_col, gx_ptr + i, gl_ptr + i);
-            }
-            c0 += blocks * kLanes;
-            continue;
+        const int64_t pixel = (n * g.H + h) * g.W + w;
+        int64_t c0 = 0;
+        if (unrolled) {
+          // the full lane blocks: groups of kBlocks in one call, then one at
+          // a time
+          const x_t* xi = x_ptr + pixel * g.C;
+          const l_t* li = l_ptr + n * ls.n + (h * g.W + w) * ls.pixel;
+          // by pixel index, so that the next row's first pixels are fetched
+          // while this row ends: stopping at the row's end left 4 of every
+          // 14 pixels unfetched (float32, 2 threads, out of cache: 14x14
+          // layers 5-10% faster; in cache 3% slower)
+          const bool fetch = (h * g.W + w) + ahead < g.H * g.W;
+          const int64_t fetch_x = fetch ? ahead * g.C : 0, fetch_l = ahead * ls.pixel;
+          const int64_t o = ((n * g.OH + oh0) * g.OW + ow0) * g.C;
+          const int64_t o_row = g.OW * g.C;
+          const int64_t o_col = g.C;
+          const int64_t groups = g.C / (kBlocks * kLanes);
+          if (groups > 0) {
+            grads_covered<kBlocks, Stream>(noh, now, xi, li, g_ptr + o, y_ptr + o, max_ptr + o, inv_ptr + o,
+                                           o_row, o_col, gx_ptr + pixel * g.C, gl_ptr + pixel * g.C, groups,
+                                           fetch_x, fetch_l);
+            c0 = groups * kBlocks * kLanes;
           }
+          for (; c0 + kLanes <= g.C; c0 += kLanes) {
+            grads_covered<1, Stream>(noh, now, xi + c0, li + c0, g_ptr + o + c0, y_ptr + o + c0,
+                                     max_ptr + o + c0, inv_ptr + o + c0, o_row, o_col,
+                                     gx_ptr + pixel * g.C + c0, gl_ptr + pixel * g.C + c0, 1, fetch_x,
+                                     fetch_l);
+          }
+        }
+        for (; c0 < g.C; c0 += kLanes) {
+          const int64_t count = std::min<int64_t>(kLanes, g.C - c0);
+          const int64_t i = pixel * g.C + c0;
           Lanes dx, dl;
           gather_grads(
               oh0, oh1, ow0, ow1, load_lanes(x_ptr + i, count),
@@ -277,7 +304,6 @@ void backward_channels_last(const BackwardTensors& t, const CallGeometry& cg, bo
               dx, dl);
           store_lanes(gx_ptr + i, dx, count, Stream);
           store_lanes(gl_ptr + i, dl, count, Stream);
-          c0 += kLanes;
         }
       }
     }
