@@ -780,6 +780,7 @@ def test_every_isa_build_converts_bfloat16_as_torch(planes, monkeypatch, seed):
     exact_y = ((xf[..., 0:60:2] + xf[..., 1:61:2]) + xf[..., 2:61:2]) / 3
     want_y = exact_y.bfloat16()
     assert (want_y.float() != exact_y).float().mean() > 0.5  # roundings, up and down
+    assert ((exact_y.view(torch.int32) & 0xFFFF) == 0x8000).sum() > 20  # and exact ties (about 4%)
     grad_out = (torch.randn(2, 19, 5, 30) * 1e38).bfloat16()
     grad_out[0, 7, 1, 2] = float("nan")
     if layout == "channels_last":
