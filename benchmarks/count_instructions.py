@@ -31,11 +31,10 @@ import sys
 import tempfile
 from typing import Dict, List, Tuple
 
-LAYERS = {  # name: (channels, height = width) of LIP-ResNet-50's LIP layers
-    "stem": (64, 112), "s2a": (128, 56), "s2b": (256, 56), "s3a": (256, 28),
-    "s3b": (512, 28), "s4a": (512, 14), "s4b": (1024, 14),
-}
-CALLS = 2  # timed calls per pass
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lip import KERNEL_SIZE, LAYERS, PADDING, STRIDE  # noqa: E402  (the benchmark's layers)
+
+CALLS = 2  # counted calls per pass
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,19 +74,18 @@ def run_child(args: argparse.Namespace) -> None:
     gc.disable()
     control("--dump=warm-up")  # whatever ran before the first case
     for number, (impl, dtype, layout, layer) in enumerate(cases(args)):
-        channels, size = LAYERS[layer]
         gen = torch.Generator().manual_seed(number)
-        shape = (args.batch, channels, size, size)
+        shape = (args.batch, *LAYERS[layer])
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         x = torch.randn(shape, generator=gen).to(getattr(torch, dtype), memory_format=fmt)
         logit = (12 * torch.sigmoid(torch.randn(shape, generator=gen))).to(x.dtype, memory_format=fmt)
         x.requires_grad_()
         logit.requires_grad_()
         f = lip_cuda.lip2d if impl == "fused" else lip_cuda.lip2d_reference
-        y = f(x, logit, 3, 2, 1)
+        y = f(x, logit, KERNEL_SIZE, STRIDE, PADDING)
         grad = torch.randn_like(y)
         passes = {
-            "forward": lambda: f(x, logit, 3, 2, 1),
+            "forward": lambda: f(x, logit, KERNEL_SIZE, STRIDE, PADDING),
             "backward": lambda: torch.autograd.grad(y, (x, logit), grad, retain_graph=True),
         }
         for name, call in passes.items():
@@ -186,8 +184,7 @@ def main() -> None:
             sys.exit(f"count_instructions.py needs {tool} (valgrind's callgrind) on PATH")
     folder = args.keep or tempfile.mkdtemp(prefix="lip_callgrind_")
     os.makedirs(folder, exist_ok=True)
-    child = [sys.executable, os.path.abspath(__file__), "--child", folder] + [
-        a for a in sys.argv[1:]]
+    child = [sys.executable, os.path.abspath(__file__), "--child", folder, *sys.argv[1:]]
     subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.path.join(folder, "cg.%p")]
                    + child, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report(args, folder)
