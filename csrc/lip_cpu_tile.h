@@ -140,6 +140,10 @@ struct StripData {
   const x_t* x_next = nullptr;
   const l_t* logit_next = nullptr;
   int64_t next_rows = 0;
+  // The blocks forward's queue of its next task's planes, stepped
+  // queue_lines lines after each output (nullptr: none).
+  PrefetchQueue* queue = nullptr;
+  int queue_lines = 0;
 
   int64_t count(int64_t b) const { return b + 1 < blocks ? kLanes : last_count; }
   const x_t* x_row_at(int64_t h) const { return x + (h - h_origin) * x_row; }
@@ -368,6 +372,7 @@ template <bool Stream = false, typename x_t, typename l_t, typename o_t>
           Step::use_window_max(key, y_w, m_w, inv_w, y, reference, inv);
         }
         d.template emit<Stream>(oh, ow, b, y, reference, inv);
+        if (d.queue != nullptr) d.queue->step(d.queue_lines);
       };
       for (int64_t ow = 0; ow < g.OW;) {
         int64_t w0, w1;
