@@ -163,12 +163,14 @@ CpuKernel cpu_kernel_for(const CallGeometry& cg) {
 // The backward's kernel: the gather one where it is the default (or where
 // LIP_CUDA_CPU_PLANES=gather asks for it) and it takes the geometry, else
 // the forward's. Fills gc only then: its tables cost host time per column.
-CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, GatherColumns& gc) {
+CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, bool float32_x, GatherColumns& gc) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
   const CpuKernel kernel = use_blocks(cg.g, false) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
   const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
-  if (planes != "gather" && !(kernel == CpuKernel::PlanesRows && gather_by_default(cg.g))) return kernel;
+  const bool by_default = kernel == CpuKernel::PlanesRows ? gather_by_default(cg.g)
+                                                          : gather_before_blocks(cg.g, float32_x);
+  if (planes != "gather" && !by_default) return kernel;
   gc = gather_columns(cg.g);
   return gather_works(cg.g, gc) ? CpuKernel::PlanesGather : kernel;
 }
@@ -202,7 +204,7 @@ const char* run(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
 
 const char* run(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   GatherColumns gc;
-  const CpuKernel kernel = cpu_backward_kernel_for(cg, gc);
+  const CpuKernel kernel = cpu_backward_kernel_for(cg, t.x.scalar_type() == at::kFloat, gc);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);

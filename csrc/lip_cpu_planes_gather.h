@@ -92,6 +92,19 @@ bool gather_works(const LipGeometry& g, const GatherColumns& gc) {
 // terms, one dependency chain) comes with a row's bookkeeping.
 bool gather_by_default(const LipGeometry& g) { return g.W >= 56 && g.W <= 512; }
 
+// Whether the gather backward also takes, from the blocks kernels, the
+// planes gather_by_default names: in the AVX-512 build, for float32 x. On
+// a Zen 4 VM (2 threads, inputs out of cache, the two kernels switched in
+// one process round by round, 25 rounds, medians, backward ms, blocks ->
+// gather) float32 2x128x56x56 0.849 -> 0.706 and 2x256x56x56 1.834 ->
+// 1.372, bfloat16 0.745 -> 0.730 and 1.548 -> 1.460; the AVX-512 VM of the
+// measurements above had float32 even or 9-18% faster at 256 channels and
+// bfloat16 slower. 28 x 28 planes stay on blocks (float32 even, bfloat16
+// 8% slower with gather). The AVX2 build was not measured this way.
+bool gather_before_blocks(const LipGeometry& g, bool float32_x) {
+  return LIP_CPU_ISA >= 2 && float32_x && gather_by_default(g);
+}
+
 // Both gradients of one lane vector of an input row over its NR covering
 // output rows (d + i row_stride: `slots` entries of reference, 1 / sum,
 // grad, y each; uniform[i uniform_stride]: all its slots share the first
