@@ -494,16 +494,18 @@ def test_default_backward_kernels(shape, dtype, avx2_kernel, avx512_kernel, monk
 
 
 @pytest.mark.parametrize("shape,avx2_kernel,kernel", [
-    ((2, 64, 112, 112), "planes_blocks", "planes_rows"),  # AVX2: blocks in bands of rows
+    ((2, 64, 112, 112), "planes_blocks", "planes_blocks"),  # blocks in bands of rows
+    ((1, 16, 160, 160), "planes_blocks", "planes_rows"),    # a tie of lane fill
     ((2, 64, 28, 28), "planes_blocks", "planes_blocks"),
     ((1, 2, 40, 1100), "planes_rows", "planes_rows"),
     ((1, 8, 9, 30000), "planes_rows", "planes_rows"),     # one band's scratch too big for blocks
 ], ids=str)
 def test_default_forward_kernels(shape, avx2_kernel, kernel, monkeypatch, seed):
-    """Which contiguous forward runs by default: blocks for planes up to
-    64 x 64 with many channels; the AVX2 build's blocks forward also takes
-    bigger planes, in bands of rows, unless one band's scratch would exceed
-    its bound (docs/kernels.md has the measurements)."""
+    """Which contiguous forward runs by default: blocks for planes with
+    many channels (bigger planes in bands of rows, unless one band's scratch
+    would exceed its bound); on a tie of lane fill with rows, blocks in the
+    AVX2 build and rows in the AVX-512 one (docs/kernels.md has the
+    measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
     x, logit = random_inputs(shape, torch.float32, "contiguous")
     grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
