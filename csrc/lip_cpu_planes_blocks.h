@@ -183,8 +183,8 @@ void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t p
 // 512x28x28, but 0.65 -> 0.70 ms at 128x56x56, whose 1 MiB per block (with
 // the block's own scratch) outgrows the L2. Forward: on the Zen 4 AVX-512
 // VM a next task of 28x28 planes (137 KiB) or of a 56x56 band cost 4-17%,
-// one of 14x14 planes (34 KiB) gained 10% (docs/kernels.md, "The
-// contiguous layout").
+// one of 14x14 planes (34 KiB) gained 10% (docs/kernels.md, "A Zen 4
+// AVX-512 VM").
 constexpr int64_t kBackwardPrefetchBytes = 384 * 1024;
 constexpr int64_t kForwardPrefetchBytes = 64 * 1024;
 
@@ -418,7 +418,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
     const int64_t s0 = band * tasks.band, s1 = std::min(strip_count(g), s0 + tasks.band);
     // a few lines after each output: a strip's share at once (hundreds of
     // lines) waited on the cache's miss buffers (10% of the forward's
-    // timer samples at 1024x14x14)
+    // timer samples at 1024x14x14 on the Zen 4 VM)
     const int64_t outputs = out_count * b.blocks();
     const int lines_per_output = static_cast<int>((next.lines_left() + outputs - 1) / outputs);
     for (int64_t s = s0; s < s1; ++s) {
