@@ -423,7 +423,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
     const int lines_per_output = static_cast<int>((next.lines_left() + outputs - 1) / outputs);
     for (int64_t s = s0; s < s1; ++s) {
       StripData<float, float, float> d;
-      d.queue = &next;
+      d.queue = lines_per_output > 0 ? &next : nullptr;  // none: nothing to step per output
       d.queue_lines = lines_per_output;
       d.x = xb;
       d.logit = lb;
