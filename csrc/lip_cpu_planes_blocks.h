@@ -178,15 +178,16 @@ void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t p
 
 // The blocks kernels fetch the next task's rows while they compute the
 // current one (a PrefetchQueue stepped through the task), where those are
-// at most this many bytes. Backward: measured (float32, 2 threads, inputs
-// out of cache) 0.51 -> 0.31 ms at 1024x14x14 and 0.78 -> 0.62 ms at
-// 512x28x28, but 0.65 -> 0.70 ms at 128x56x56, whose 1 MiB per block (with
-// the block's own scratch) outgrows the L2. Forward: on the Zen 4 AVX-512
-// VM a next task of 28x28 planes (137 KiB) or of a 56x56 band cost 4-17%,
-// one of 14x14 planes (34 KiB) gained 10% (docs/kernels.md, "A Zen 4
-// AVX-512 VM").
-constexpr int64_t kBackwardPrefetchBytes = 384 * 1024;
-constexpr int64_t kForwardPrefetchBytes = 64 * 1024;
+// at most this many bytes and are other planes: the next band of the same
+// planes continues the rows the hardware prefetchers already follow
+// (fetching it cost up to 11% of the backward at 56x56 on the Zen 4 VM).
+// Backward: measured (float32, 2 threads, inputs out of cache) 0.51 -> 0.31
+// ms at 1024x14x14 and 0.78 -> 0.62 ms at 512x28x28, but 0.65 -> 0.70 ms at
+// 128x56x56, whose 1 MiB per block (with the block's own scratch) outgrows
+// the L2. Forward: since the queue fetches into the L2, a next task of
+// 28x28 planes (137 KiB) gains too, float32 512x28x28 0.488 -> 0.432 ms on
+// the Zen 4 VM (docs/kernels.md, "The next task into the L2").
+constexpr int64_t kNextTaskPrefetchBytes = 384 * 1024;
 
 // Queues elements [first, first + pixels) of task b's planes of a dense
 // NCHW tensor (C planes of plane_pixels): one range where they are whole
@@ -413,7 +414,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
         queue_block(next, max_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
         queue_block(next, inv_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
       }
-      if (next.bytes() > kForwardPrefetchBytes) next.clear();
+      if (next.bytes() > kNextTaskPrefetchBytes || tasks.bands > 1) next.clear();
     }
     const int64_t s0 = band * tasks.band, s1 = std::min(strip_count(g), s0 + tasks.band);
     // a few lines after each output: a strip's share at once (hundreds of
@@ -491,10 +492,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
         queue_block(next, gx_ptr, nb, g.C, in_pixels, n_first, n_in, true);
         queue_block(next, gl_ptr, nb, g.C, in_pixels, n_first, n_in, true);
       }
-      // The next band of the same planes continues the rows this one reads,
-      // which the hardware prefetchers already follow: fetching it too cost
-      // up to 11% at 56x56 (Zen 4).
-      if (next.bytes() > kBackwardPrefetchBytes || tasks.bands > 1) next.clear();
+      if (next.bytes() > kNextTaskPrefetchBytes || tasks.bands > 1) next.clear();
     }
     const int lines_per_pixel = static_cast<int>((next.lines_left() + in_count - 1) / in_count);
     const int64_t o_row = g.OW * width;
