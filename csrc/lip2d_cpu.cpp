@@ -142,15 +142,12 @@ constexpr bool kForwardBlocksOnTie = LIP_CPU_ISA == 1;
 // input rows): planes with longer rows take the rows kernels, forced or not.
 constexpr int64_t kMaxBlockScratchBytes = int64_t(4) << 20;
 
-bool use_blocks(const LipGeometry& g, bool forward) {
+bool use_blocks(const LipGeometry& g, bool forward, ElementBytes e) {
   const std::string forced = forced_planes_kernel();
   if (forced == "rows") return false;
   // the rows kernels always work
-  const BlockTasks t = block_tasks(g, forward);
-  const int64_t floats = forward ? band_scratch_floats(g, t, forward_band, 2, 3) +
-                                       strip_scratch_floats(g, t.group_channels / kLanes)
-                                 : band_scratch_floats(g, t, backward_band, 2, 4);
-  if (floats * int64_t(sizeof(float)) > kMaxBlockScratchBytes) return false;
+  const BlockTasks t = block_tasks(g, forward, e);
+  if (block_scratch_floats(g, t, forward) * int64_t(sizeof(float)) > kMaxBlockScratchBytes) return false;
   if (forced == "blocks") return true;
   if (g.H * g.W > kMaxBlockPixels && !(forward && kForwardBlocksAnySize)) return false;
   const auto fill = [](int64_t n) {
@@ -161,21 +158,25 @@ bool use_blocks(const LipGeometry& g, bool forward) {
   return forward && kForwardBlocksOnTie ? fill(g.C) >= fill(g.OW) : fill(g.C) > fill(g.OW);
 }
 
-CpuKernel cpu_kernel_for(const CallGeometry& cg) {
+CpuKernel cpu_kernel_for(const CallGeometry& cg, ElementBytes e) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
-  return use_blocks(cg.g, true) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+  return use_blocks(cg.g, true, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+}
+
+ElementBytes element_bytes(const at::Tensor& x, const at::Tensor& logit) {
+  return {static_cast<int64_t>(x.element_size()), static_cast<int64_t>(logit.element_size())};
 }
 
 // The backward's kernel: the gather one where it is the default (or where
 // LIP_CUDA_CPU_PLANES=gather asks for it) and it takes the geometry, else
 // the forward's. Fills gc only then: its tables cost host time per column.
-CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, bool float32_x, GatherColumns& gc) {
+CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, ElementBytes e, GatherColumns& gc) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
-  const CpuKernel kernel = use_blocks(cg.g, false) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+  const CpuKernel kernel = use_blocks(cg.g, false, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
   const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
   const bool by_default = kernel == CpuKernel::PlanesRows ? gather_by_default(cg.g)
-                                                          : gather_before_blocks(cg.g, float32_x);
+                                                          : gather_before_blocks(cg.g, e.x == int64_t(sizeof(float)));
   if (planes != "gather" && !by_default) return kernel;
   gc = gather_columns(cg.g);
   return gather_works(cg.g, gc) ? CpuKernel::PlanesGather : kernel;
@@ -193,7 +194,7 @@ const char* cpu_kernel_name(CpuKernel kernel) {
 }  // namespace
 
 const char* run(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
-  const CpuKernel kernel = cpu_kernel_for(cg);
+  const CpuKernel kernel = cpu_kernel_for(cg, element_bytes(t.x, t.logit));
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);
@@ -210,7 +211,7 @@ const char* run(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
 
 const char* run(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   GatherColumns gc;
-  const CpuKernel kernel = cpu_backward_kernel_for(cg, t.x.scalar_type() == at::kFloat, gc);
+  const CpuKernel kernel = cpu_backward_kernel_for(cg, element_bytes(t.x, t.logit), gc);
   dispatch_dtypes(t.x.scalar_type(), t.logit.scalar_type(), [&](auto x_tag, auto l_tag) {
     using x_t = decltype(x_tag);
     using l_t = decltype(l_tag);

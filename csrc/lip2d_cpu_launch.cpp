@@ -84,24 +84,36 @@ int isa_to_run() {
   return std::min(wanted, cpu_isa_level());
 }
 
-// The last-level cache's size as Linux reports it (the largest cache level
-// of cpu0 in sysfs), else 32 MiB.
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t best_level = 0, best_bytes = 32 << 20;
+// The sizes of cpu0's L2 and last-level caches as Linux reports them in
+// sysfs (0 where it does not).
+struct CacheSizes {
+  int64_t l2 = 0, last = 0;
+};
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    CacheSizes found;
+    int64_t last_level = 0;
     for (int index = 0; index < 8; ++index) {
       const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
       int64_t level = 0, size = 0;
-      std::string unit;
-      if (!(level_file >> level) || !(size_file >> size)) continue;
+      std::string unit, type;
+      if (!(level_file >> level) || !(size_file >> size) || size <= 0) continue;
       size_file >> unit;  // "32768K" reads as 32768 then "K"
+      type_file >> type;
       const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : unit == "G" ? 1024 * 1024 * 1024 : 1;
-      if (level > best_level && size > 0) best_level = level, best_bytes = size * scale;
+      if (level == 2 && type != "Instruction") found.l2 = size * scale;
+      if (level > last_level) last_level = level, found.last = size * scale;
     }
-    return best_bytes;
+    return found;
   }();
-  return bytes;
+  return sizes;
+}
+
+// The last-level cache's size (the largest cache level of cpu0), else 32 MiB.
+int64_t last_level_cache_bytes() {
+  return cache_sizes().last > 0 ? cache_sizes().last : int64_t(32) << 20;
 }
 
 // Whether a call's kernels stream their outputs past the cache
@@ -172,6 +184,10 @@ const char* run_in_isa(int isa, const Tensors& t, const CallGeometry& cg, bool s
 }
 
 }  // namespace
+
+int64_t cpu_l2_cache_bytes() {
+  return cache_sizes().l2 > 0 ? cache_sizes().l2 : int64_t(512) << 10;
+}
 
 const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg) {
   if (t.x.scalar_type() == at::kDouble || !simd_kernels_take(cg.g)) {

@@ -176,19 +176,6 @@ void unpack_planes(const float* src, const ChannelBlock& b, int64_t C, int64_t p
   }
 }
 
-// The blocks kernels fetch the next task's rows while they compute the
-// current one (a PrefetchQueue stepped through the task), where those are
-// at most this many bytes and are other planes: the next band of the same
-// planes continues the rows the hardware prefetchers already follow
-// (fetching it cost up to 11% of the backward at 56x56 on the Zen 4 VM).
-// Backward: measured (float32, 2 threads, inputs out of cache) 0.51 -> 0.31
-// ms at 1024x14x14 and 0.78 -> 0.62 ms at 512x28x28, but 0.65 -> 0.70 ms at
-// 128x56x56, whose 1 MiB per block (with the block's own scratch) outgrows
-// the L2. Forward: since the queue fetches into the L2, a next task of
-// 28x28 planes (137 KiB) gains too, float32 512x28x28 0.488 -> 0.432 ms on
-// the Zen 4 VM (docs/kernels.md, "The next task into the L2").
-constexpr int64_t kNextTaskPrefetchBytes = 384 * 1024;
-
 // Queues elements [first, first + pixels) of task b's planes of a dense
 // NCHW tensor (C planes of plane_pixels): one range where they are whole
 // planes, side by side.
@@ -220,19 +207,36 @@ void queue_block_logit(PrefetchQueue& q, const l_t* logit, const LogitStrides& l
 }
 
 // Lane blocks per channel group of the blocks kernels, forward and
-// backward. On AVX2 the backward takes four, so that a pixel's work is four
-// lane vectors as in channels_last (packs of four exps, kGradPack):
-// measured on the Zen 1 VM (float32 contiguous, op calls, 2 threads, inputs
-// out of cache, three alternating runs, ms, one block vs four) 2x128x56x56
-// 3.10-3.49 vs 2.36-2.53, 2x512x28x28 2.82-2.84 vs 2.65-2.73, 2x512x14x14
-// 0.66-0.76 vs 0.49-0.56. Its forward stays at one (four: 2x128x56x56
-// 1.45-1.59 vs 1.36-1.44 ms), as do both directions of the AVX-512 and
-// baseline builds (on a Zen 4 VM groups of four took the AVX-512
-// backward at 2x512x28x28 from 0.77 to 0.93-1.05 ms).
+// backward, where block_tasks does not take more. On AVX2 the backward
+// takes four, so that a pixel's work is four lane vectors as in
+// channels_last (packs of four exps, kGradPack): measured on the Zen 1 VM
+// (float32 contiguous, op calls, 2 threads, inputs out of cache, three
+// alternating runs, ms, one block vs four) 2x128x56x56 3.10-3.49 vs
+// 2.36-2.53, 2x512x28x28 2.82-2.84 vs 2.65-2.73, 2x512x14x14 0.66-0.76 vs
+// 0.49-0.56. Its forward stays at one (four: 2x128x56x56 1.45-1.59 vs
+// 1.36-1.44 ms).
 constexpr int64_t kForwardGroupBlocks = 1;
 constexpr int64_t kBackwardGroupBlocks = LIP_CPU_ISA == 1 ? 4 : 1;
-static_assert(kForwardGroupBlocks <= kMaxStripBlocks, "forward_strip takes the group's blocks");
-static_assert(kBackwardGroupBlocks <= 4, "backward_planes unrolls up to 4 blocks");
+// The AVX-512 builds group up to kMaxGroupBlocks lane blocks where a task
+// is whole planes that fit in the L2 together with the next task's
+// prefetched rows (block_tasks): each pixel's or output's bookkeeping then
+// serves more lanes. A group's bigger task had cost more than that saved
+// where it left no room for the next task's prefetch: on the Zen 4 VM
+// (float32 backward, 2 threads, inputs out of cache, in one process round
+// by round, ms, one block -> two) 2x512x28x28 0.737 -> 0.855 with the
+// prefetch dropped for its size, 0.678 with it; bfloat16 0.740 -> 0.653;
+// four blocks of 28 x 28 planes (1.1-1.6 MiB with the next task's rows)
+// 0.814-0.954 (docs/kernels.md, "Groups of lane blocks").
+constexpr bool kGroupsByCache = LIP_CPU_ISA >= 2;
+constexpr int64_t kMaxGroupBlocks = 4;
+constexpr int64_t kMaxBackwardGroupBlocks = kGroupsByCache ? kMaxGroupBlocks : kBackwardGroupBlocks;
+// The forward's weight ring (read by every window, so best kept in the L1)
+// at most this big for a group: two blocks of 14 x 14 planes (10.5 KiB),
+// not two of 28 x 28 (21 KiB), which measured 1-3% slower than one.
+constexpr int64_t kForwardGroupRingBytes = 16 * 1024;
+static_assert(kForwardGroupBlocks <= kMaxStripBlocks && kMaxGroupBlocks <= kMaxStripBlocks,
+              "forward_strip takes the group's blocks");
+static_assert(kMaxBackwardGroupBlocks <= 4, "backward_planes unrolls up to 4 blocks");
 
 // Scratch a blocks task aims for: a band of rows of its group's planes,
 // lane-minor (whole planes where they fit, as the small planes of most
@@ -250,9 +254,8 @@ struct BlockTasks {
   int64_t band, bands;             // per plane
 };
 
-BlockTasks block_tasks(const LipGeometry& g, bool forward) {
+BlockTasks block_tasks_of(const LipGeometry& g, bool forward, int64_t group_blocks) {
   BlockTasks t;
-  const int64_t group_blocks = forward ? kForwardGroupBlocks : kBackwardGroupBlocks;
   t.group_channels = std::min<int64_t>(group_blocks, (g.C + kLanes - 1) / kLanes) * kLanes;
   t.groups = (g.C + t.group_channels - 1) / t.group_channels;
   const int64_t pixel_bytes = t.group_channels * int64_t(sizeof(float));
@@ -307,6 +310,57 @@ int64_t band_scratch_floats(const LipGeometry& g, const BlockTasks& t, Band band
     most = std::max(most, (r.h1 - r.h0) * g.W * in_arrays + (r.oh1 - r.oh0) * g.OW * out_arrays);
   }
   return most * t.group_channels;
+}
+
+// A task's scratch floats: forward, x and the logit in, three output
+// arrays and the weight ring; backward, x and the logit (then both
+// gradients) and four output arrays.
+inline int64_t block_scratch_floats(const LipGeometry& g, const BlockTasks& t, bool forward) {
+  return forward ? band_scratch_floats(g, t, forward_band, 2, 3) + strip_scratch_floats(g, t.group_channels / kLanes)
+                 : band_scratch_floats(g, t, backward_band, 2, 4);
+}
+
+// Bytes of one element of a call's x and of its logit; y and grad_out
+// are x's type, the window statistics float.
+struct ElementBytes {
+  int64_t x, logit;
+};
+
+// Whether a task of t, while it computes, fetches the rows of the next
+// (a PrefetchQueue stepped through the task, into the L2): where the task
+// is whole planes (the next band of the same planes continues the rows
+// the hardware prefetchers already follow; fetching it cost up to 11% of
+// the backward at 56x56 on the Zen 4 VM) and its scratch and the next
+// task's rows fit in the L2 together (at 128x56x56 a block's 1 MiB
+// outgrew it: backward 0.65 -> 0.70 ms on the Zen 1 VM). Measured with
+// float32, 2 threads, inputs out of cache: backward 0.51 -> 0.31 ms at
+// 1024x14x14 and 0.78 -> 0.62 ms at 512x28x28 (Zen 1); forward 0.488 ->
+// 0.432 ms at 512x28x28 (Zen 4; docs/kernels.md, "The next task into the
+// L2").
+inline bool fetch_next_task(const LipGeometry& g, const BlockTasks& t, bool forward, ElementBytes e) {
+  if (t.bands != 1) return false;
+  const int64_t in = g.H * g.W, out = g.OH * g.OW;
+  // forward: x and the logit, y and the statistics; backward: those but y
+  // and grad_out for y, and both gradients
+  const int64_t next = forward ? in * (e.x + e.logit) + out * (e.x + 8)
+                               : 2 * in * (e.x + e.logit) + out * (2 * e.x + 8);
+  const int64_t bytes = block_scratch_floats(g, t, forward) * int64_t(sizeof(float)) + next * t.group_channels;
+  return bytes <= cpu_l2_cache_bytes();
+}
+
+// How the blocks kernels split a call (see kGroupsByCache).
+BlockTasks block_tasks(const LipGeometry& g, bool forward, ElementBytes e) {
+  if (kGroupsByCache) {
+    const int64_t blocks = (g.C + kLanes - 1) / kLanes;
+    for (int64_t group = kMaxGroupBlocks; group > 1; group /= 2) {
+      const int64_t used = std::min(group, blocks);
+      if (used <= 1) break;
+      if (forward && strip_scratch_floats(g, used) * int64_t(sizeof(float)) > kForwardGroupRingBytes) continue;
+      const BlockTasks t = block_tasks_of(g, forward, used);
+      if (fetch_next_task(g, t, forward, e)) return t;
+    }
+  }
+  return block_tasks_of(g, forward, forward ? kForwardGroupBlocks : kBackwardGroupBlocks);
 }
 
 // Task b's band of rows and its lane-minor arrays in the task's scratch:
@@ -386,13 +440,14 @@ constexpr bool whole_line_vectors() {
 template <typename x_t, typename l_t>
 void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  const BlockTasks tasks = block_tasks(g, true);
+  const ElementBytes e{int64_t(sizeof(x_t)), int64_t(sizeof(l_t))};
+  const BlockTasks tasks = block_tasks(g, true, e);
+  const bool fetch_next = fetch_next_task(g, tasks, true, e);
   stream = stream && tasks.bands == 1 && whole_line_vectors<x_t>() &&
            whole_lines({&t.out, &t.window_max, &t.inv_weight_sum}, g.OH * g.OW);
   const auto [x_ptr, l_ptr, out_ptr, max_ptr, inv_ptr] = forward_pointers<x_t, l_t>(t);
   const int64_t out_pixels = g.OH * g.OW;
-  const int64_t ring_floats = strip_scratch_floats(g, tasks.group_channels / kLanes);
-  const int64_t scratch = band_scratch_floats(g, tasks, forward_band, 2, 3) + ring_floats;
+  const int64_t scratch = block_scratch_floats(g, tasks, true);
   for_each_block(g, tasks, scratch, stream,
                  [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
                      float* buffer) {
@@ -404,7 +459,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
     pack_band_inputs(g, x_ptr, l_ptr, cg.ls, b, bb);
     // the next task's rows, spread over this task's strips
     PrefetchQueue next;
-    if (next_block != nullptr) {
+    if (next_block != nullptr && fetch_next) {
       const ChannelBlock& nb = *next_block;
       const BandRows nr = forward_band(g, tasks, next_band);
       const int64_t n_out = (nr.oh1 - nr.oh0) * g.OW;
@@ -414,7 +469,6 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
         queue_block(next, max_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
         queue_block(next, inv_ptr, nb, g.C, out_pixels, nr.oh0 * g.OW, n_out, true);
       }
-      if (next.bytes() > kNextTaskPrefetchBytes || tasks.bands > 1) next.clear();
     }
     const int64_t s0 = band * tasks.band, s1 = std::min(strip_count(g), s0 + tasks.band);
     // a few lines after each output: a strip's share at once (hundreds of
@@ -451,7 +505,9 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
 template <typename x_t, typename l_t>
 void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
   const LipGeometry& g = cg.g;
-  const BlockTasks tasks = block_tasks(g, false);
+  const ElementBytes e{int64_t(sizeof(x_t)), int64_t(sizeof(l_t))};
+  const BlockTasks tasks = block_tasks(g, false, e);
+  const bool fetch_next = fetch_next_task(g, tasks, false, e);
   stream = stream && tasks.bands == 1 && whole_line_vectors<x_t, l_t>() &&
            whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
   const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
@@ -461,7 +517,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
   // dx and dlogit replace x and the logit in the scratch (each pixel reads
   // only its own): at 128x56x56 the scratch is then 0.6 MiB, not 1 MiB,
   // and stays in the L2 cache
-  const int64_t scratch = band_scratch_floats(g, tasks, backward_band, 2, 4);
+  const int64_t scratch = block_scratch_floats(g, tasks, false);
   for_each_block(g, tasks, scratch, stream,
                  [&](const ChannelBlock& b, int64_t band, const ChannelBlock* next_block, int64_t next_band,
                      float* buffer) {
@@ -478,7 +534,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
     pack_planes(inv_ptr, o_n, out_pixels, b, o_first, out_count, invb);
     // the next task's rows, spread over this task's pixels
     PrefetchQueue next;
-    if (next_block != nullptr) {
+    if (next_block != nullptr && fetch_next) {
       const ChannelBlock& nb = *next_block;
       const BandRows nr = backward_band(g, tasks, next_band);
       const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
@@ -492,7 +548,6 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
         queue_block(next, gx_ptr, nb, g.C, in_pixels, n_first, n_in, true);
         queue_block(next, gl_ptr, nb, g.C, in_pixels, n_first, n_in, true);
       }
-      if (next.bytes() > kNextTaskPrefetchBytes || tasks.bands > 1) next.clear();
     }
     const int lines_per_pixel = static_cast<int>((next.lines_left() + in_count - 1) / in_count);
     const int64_t o_row = g.OW * width;
@@ -518,9 +573,9 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
           switch (b.blocks()) {
             case 1: covered(std::integral_constant<int, 1>()); break;
             // (the builds with groups of one block instantiate only that)
-            case 2: covered(std::integral_constant<int, std::min<int>(2, kBackwardGroupBlocks)>()); break;
-            case 3: covered(std::integral_constant<int, std::min<int>(3, kBackwardGroupBlocks)>()); break;
-            default: covered(std::integral_constant<int, kBackwardGroupBlocks>()); break;
+            case 2: covered(std::integral_constant<int, std::min<int>(2, kMaxBackwardGroupBlocks)>()); break;
+            case 3: covered(std::integral_constant<int, std::min<int>(3, kMaxBackwardGroupBlocks)>()); break;
+            default: covered(std::integral_constant<int, kMaxBackwardGroupBlocks>()); break;
           }
           continue;
         }

@@ -77,6 +77,9 @@ BackwardArgs<x_t, l_t, acc_type<x_t>> backward_args(const BackwardTensors& t,
 }
 
 const char* lip2d_forward_cpu(const ForwardTensors& t, const CallGeometry& cg);
+// The L2 cache of one core, which a CPU kernel's task and the next task's
+// prefetched rows should share: cpu0's as Linux reports it, else 512 KiB.
+int64_t cpu_l2_cache_bytes();
 const char* lip2d_backward_cpu(const BackwardTensors& t, const CallGeometry& cg);
 
 #ifdef WITH_CUDA

@@ -116,6 +116,10 @@ LAYOUT_GEOMETRIES = [
     # a full group and a partial one
     ((1, 37, 23, 200), 3, 2, 1, False),
     ((1, 21, 30, 150), (5, 3), (3, 2), (2, 1), True),
+    # small planes, five lane blocks: the AVX-512 blocks kernels take them
+    # in groups of two (forward) and four (backward) lane blocks, then a
+    # partial group
+    ((2, 70, 14, 14), 3, 2, 1, False),
 ]
 
 
