@@ -332,11 +332,11 @@ struct ElementBytes {
 // the hardware prefetchers already follow; fetching it cost up to 11% of
 // the backward at 56x56 on the Zen 4 VM) and its scratch and the next
 // task's rows fit in the L2 together (at 128x56x56 a block's 1 MiB
-// outgrew it: backward 0.65 -> 0.70 ms on the Zen 1 VM). Measured with
-// float32, 2 threads, inputs out of cache: backward 0.51 -> 0.31 ms at
-// 1024x14x14 and 0.78 -> 0.62 ms at 512x28x28 (Zen 1); forward 0.488 ->
-// 0.432 ms at 512x28x28 (Zen 4; docs/kernels.md, "The next task into the
-// L2").
+// outgrew it: backward 0.65 -> 0.70 ms). Measured with float32, 2
+// threads, inputs out of cache: backward 0.51 -> 0.31 ms at 1024x14x14
+// and 0.78 -> 0.62 ms at 512x28x28 when first built; forward 0.488 ->
+// 0.432 ms at 512x28x28 on the Zen 4 VM (docs/kernels.md, "The next task
+// into the L2").
 inline bool fetch_next_task(const LipGeometry& g, const BlockTasks& t, bool forward, ElementBytes e) {
   if (t.bands != 1) return false;
   const int64_t in = g.H * g.W, out = g.OH * g.OW;
