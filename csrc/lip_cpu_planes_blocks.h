@@ -340,8 +340,8 @@ struct ElementBytes {
 inline bool fetch_next_task(const LipGeometry& g, const BlockTasks& t, bool forward, ElementBytes e) {
   if (t.bands != 1) return false;
   const int64_t in = g.H * g.W, out = g.OH * g.OW;
-  // forward: x and the logit, y and the statistics; backward: those but y
-  // and grad_out for y, and both gradients
+  // forward: x and the logit in, y and the two statistics out; backward:
+  // x, the logit, grad_out, y and the statistics in, both gradients out
   const int64_t next = forward ? in * (e.x + e.logit) + out * (e.x + 8)
                                : 2 * in * (e.x + e.logit) + out * (2 * e.x + 8);
   const int64_t bytes = block_scratch_floats(g, t, forward) * int64_t(sizeof(float)) + next * t.group_channels;
