@@ -252,6 +252,7 @@ constexpr int64_t kBackwardScratchBytes = 384 * 1024;
 struct BlockTasks {
   int64_t group_channels, groups;  // per image
   int64_t band, bands;             // per plane
+  bool fetch_next = false;         // a task fetches the next one's rows (block_tasks)
 };
 
 BlockTasks block_tasks_of(const LipGeometry& g, bool forward, int64_t group_blocks) {
@@ -356,11 +357,16 @@ BlockTasks block_tasks(const LipGeometry& g, bool forward, ElementBytes e) {
       const int64_t used = std::min(group, blocks);
       if (used <= 1) break;
       if (forward && strip_scratch_floats(g, used) * int64_t(sizeof(float)) > kForwardGroupRingBytes) continue;
-      const BlockTasks t = block_tasks_of(g, forward, used);
-      if (fetch_next_task(g, t, forward, e)) return t;
+      BlockTasks t = block_tasks_of(g, forward, used);
+      if (fetch_next_task(g, t, forward, e)) {
+        t.fetch_next = true;
+        return t;
+      }
     }
   }
-  return block_tasks_of(g, forward, forward ? kForwardGroupBlocks : kBackwardGroupBlocks);
+  BlockTasks t = block_tasks_of(g, forward, forward ? kForwardGroupBlocks : kBackwardGroupBlocks);
+  t.fetch_next = fetch_next_task(g, t, forward, e);
+  return t;
 }
 
 // Task b's band of rows and its lane-minor arrays in the task's scratch:
@@ -442,7 +448,6 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
   const LipGeometry& g = cg.g;
   const ElementBytes e{int64_t(sizeof(x_t)), int64_t(sizeof(l_t))};
   const BlockTasks tasks = block_tasks(g, true, e);
-  const bool fetch_next = fetch_next_task(g, tasks, true, e);
   stream = stream && tasks.bands == 1 && whole_line_vectors<x_t>() &&
            whole_lines({&t.out, &t.window_max, &t.inv_weight_sum}, g.OH * g.OW);
   const auto [x_ptr, l_ptr, out_ptr, max_ptr, inv_ptr] = forward_pointers<x_t, l_t>(t);
@@ -459,7 +464,7 @@ void forward_planes(const ForwardTensors& t, const CallGeometry& cg, bool stream
     pack_band_inputs(g, x_ptr, l_ptr, cg.ls, b, bb);
     // the next task's rows, spread over this task's strips
     PrefetchQueue next;
-    if (next_block != nullptr && fetch_next) {
+    if (next_block != nullptr && tasks.fetch_next) {
       const ChannelBlock& nb = *next_block;
       const BandRows nr = forward_band(g, tasks, next_band);
       const int64_t n_out = (nr.oh1 - nr.oh0) * g.OW;
@@ -507,7 +512,6 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
   const LipGeometry& g = cg.g;
   const ElementBytes e{int64_t(sizeof(x_t)), int64_t(sizeof(l_t))};
   const BlockTasks tasks = block_tasks(g, false, e);
-  const bool fetch_next = fetch_next_task(g, tasks, false, e);
   stream = stream && tasks.bands == 1 && whole_line_vectors<x_t, l_t>() &&
            whole_lines({&t.grad_x, &t.grad_logit}, g.H * g.W);
   const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
@@ -534,7 +538,7 @@ void backward_planes(const BackwardTensors& t, const CallGeometry& cg, bool stre
     pack_planes(inv_ptr, o_n, out_pixels, b, o_first, out_count, invb);
     // the next task's rows, spread over this task's pixels
     PrefetchQueue next;
-    if (next_block != nullptr && fetch_next) {
+    if (next_block != nullptr && tasks.fetch_next) {
       const ChannelBlock& nb = *next_block;
       const BandRows nr = backward_band(g, tasks, next_band);
       const int64_t n_in = (nr.h1 - nr.h0) * g.W, n_out = (nr.oh1 - nr.oh0) * g.OW;
