@@ -12,6 +12,13 @@ LIP layers of LIP-ResNet-50:
   ``torch.compile(..., dynamic=False)`` after ``torch._dynamo.reset()``, with
   ``torch._functorch.config.donated_buffer = False`` so that its backward can
   run with ``retain_graph=True`` (donation only saves memory in backward).
+* ``converted`` - ``lip_cuda.lip2d`` on copies of x and the logit in
+  channels_last, its output copied back to x's memory format (the
+  gradients stay in channels_last, as autograd's copy backward leaves
+  them): what a user with contiguous tensors would otherwise do to reach
+  the channels_last kernels (opt-in, ``--impls fused,converted``; on
+  channels_last inputs the copies are no-ops and it times the fused op
+  again).
 
 It runs on the GPU when one is visible and on the CPU otherwise, measures
 forward, backward and forward+backward medians, achieved bandwidth (GPU) and
@@ -104,8 +111,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 LAYOUTS = ("contiguous", "channels_last")
-IMPLS = ("fused", "reference", "compiled")
-BASELINES = ("reference", "compiled")
+IMPLS = ("fused", "reference", "compiled", "converted")
+BASELINES = ("reference", "compiled", "converted")
 
 #: Bytes the fused kernels move per input element, in units of elem_size
 #: (derivation, and the reference's count: docs/benchmarking.md).
@@ -222,7 +229,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--layouts", type=str, default=",".join(LAYOUTS),
                    help="comma list of contiguous, channels_last")
     p.add_argument("--impls", type=str, default="fused,reference",
-                   help="comma list of fused, reference (compiled is added by --compile)")
+                   help="comma list of fused, reference, converted (compiled is added by --compile)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="also time torch.compile(lip2d_reference) (default on GPU)")
@@ -377,6 +384,8 @@ def make_impl(name: str, lip_cuda: Any) -> LipFn:
         return lip_cuda.lip2d
     if name == "reference":
         return lip_cuda.lip2d_reference
+    if name == "converted":
+        return lambda x, logit, *args: converted_lip2d(lip_cuda.lip2d, x, logit, *args)
     # Fresh dynamo state per case: static shapes, and no recompile-limit fallback to eager
     # after many (shape, dtype, layout) variants of the same function.
     torch._dynamo.reset()
@@ -386,6 +395,15 @@ def make_impl(name: str, lip_cuda: Any) -> LipFn:
     if hasattr(torch._functorch.config, "donated_buffer"):
         torch._functorch.config.donated_buffer = False
     return torch.compile(lip_cuda.lip2d_reference, dynamic=False)
+
+
+def converted_lip2d(lip2d: LipFn, x: torch.Tensor, logit: torch.Tensor, *args: Any) -> torch.Tensor:
+    """lip2d through channels_last copies of its inputs, the output back in x's format
+    (autograd carries the gradients through the copies)."""
+    cl = torch.channels_last
+    fmt = cl if x.is_contiguous(memory_format=cl) and not x.is_contiguous() else torch.contiguous_format
+    y = lip2d(x.contiguous(memory_format=cl), logit.contiguous(memory_format=cl), *args)
+    return y.contiguous(memory_format=fmt)
 
 
 def forward(fn: LipFn, s: InputSet) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("contiguous", "channels_last")
-BASELINES = ("reference", "compiled")
+BASELINES = ("reference", "compiled", "converted")
 NAN_MARK = "NaN/inf"
 #: Half the 20-80 percentile range of fwd+bwd times over their median above which a row is noisy.
 SPREAD_LIMIT = 0.15

@@ -206,12 +206,36 @@ def test_inputs_are_random_in_layout() -> None:
     assert 0 <= s.logit.min() and s.logit.max() <= 12
 
 
+def test_converted_impl(tmp_path: Path) -> None:
+    """'converted' (the fused op through channels_last copies) gives the fused
+    op's results bitwise, in x's memory format, and goes through the table,
+    the JSON and the summary as a baseline."""
+    lip_cuda = bench_lip.import_lip_cuda()
+    fn = bench_lip.make_impl("converted", lip_cuda)
+    for layout in LAYOUTS:
+        x = bench_lip.to_layout(torch.randn(2, 21, 9, 11), layout).requires_grad_()
+        logit = bench_lip.to_layout(12 * torch.sigmoid(torch.randn(2, 21, 9, 11)), layout).requires_grad_()
+        y = fn(x, logit, 3, 2, 1, False)
+        want = lip_cuda.lip2d(x, logit, 3, 2, 1, False)
+        assert torch.equal(y, want) and y.stride() == want.stride(), layout
+        g = torch.randn_like(y)
+        # (the gradients keep the layout autograd's copy backward gives them: channels_last)
+        for a, b in zip(torch.autograd.grad(y, (x, logit), g), torch.autograd.grad(want, (x, logit), g)):
+            assert torch.equal(a, b), layout
+    dtypes = ("float32", "bfloat16")
+    proc, doc = run_bench(tmp_path, "--device", "cpu", "--threads", "1", "--impls", "fused,converted",
+                          "--dtypes", ",".join(dtypes))
+    check_common(proc, doc, impls=("fused", "converted"), dtypes=dtypes)
+    assert sum(l.startswith("fused vs converted") for l in proc.stdout.splitlines()) == 4
+
+
 def test_impl_selection() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert bench_lip.choose_impls("fused,reference", None, cpu) == ["fused", "reference"]
     assert bench_lip.choose_impls("fused,reference", True, cpu) == ["fused", "reference", "compiled"]
     assert bench_lip.choose_impls("fused,reference", None, cuda) == ["fused", "reference", "compiled"]
     assert bench_lip.choose_impls("fused,reference", False, cuda) == ["fused", "reference"]
+    assert bench_lip.choose_impls("converted,fused", None, cpu) == ["fused", "converted"]
     with pytest.raises(SystemExit):
         bench_lip.choose_shapes("stem,nope", cpu)
     assert "large" not in bench_lip.choose_shapes(None, cpu)
