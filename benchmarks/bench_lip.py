@@ -56,6 +56,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -385,7 +386,7 @@ def make_impl(name: str, lip_cuda: Any) -> LipFn:
     if name == "reference":
         return lip_cuda.lip2d_reference
     if name == "converted":
-        return lambda x, logit, *args: converted_lip2d(lip_cuda.lip2d, x, logit, *args)
+        return functools.partial(converted_lip2d, lip_cuda.lip2d)
     # Fresh dynamo state per case: static shapes, and no recompile-limit fallback to eager
     # after many (shape, dtype, layout) variants of the same function.
     torch._dynamo.reset()
