@@ -25,6 +25,10 @@
 //   there as channels_last is, and transposed back; whole planes where they
 //   fit in a few hundred KiB, else bands of rows, so the scratch is bounded
 //   whatever the plane size.
+// - contiguous NCHW, "halving" (lip_cpu_planes_halving.h; backward only, kernel 3, stride 2,
+//   padding 1 on planes of even size under 2 kLanes wide): lanes along one
+//   stride phase of a plane laid out flat, two 7-wide phase rows a vector
+//   at 14 x 14; input rows split into phases by lane permutes in registers.
 // - contiguous NCHW, "gather" (lip_cpu_planes_gather.h; backward only, planes 56 to 512 wide that
 //   blocks does not take): lanes are kLanes inputs of a row as they lie in
 //   memory; each output row is spread under the input columns by lane
@@ -101,6 +105,7 @@
 #include "lip_cpu_channels_last.h"
 #include "lip_cpu_planes_blocks.h"
 #include "lip_cpu_planes_gather.h"
+#include "lip_cpu_planes_halving.h"
 #include "lip_cpu_planes_rows.h"
 
 namespace lip_cuda {
@@ -108,7 +113,7 @@ namespace LIP_CPU_NS {
 namespace {
 
 // The contiguous kernel that tests and benchmarks ask for with
-// LIP_CUDA_CPU_PLANES (rows, blocks or gather), or "" for the default.
+// LIP_CUDA_CPU_PLANES (rows, blocks, gather or halving), or "" for the default.
 std::string forced_planes_kernel() {
   const char* env = std::getenv("LIP_CUDA_CPU_PLANES");
   return env ? env : "";
@@ -116,9 +121,9 @@ std::string forced_planes_kernel() {
 
 // ---- kernel choice ------------------------------------------------------
 
-// Which of the four kernels runs a call (float lanes; float64 never gets
+// Which of the five kernels runs a call (float lanes; float64 never gets
 // here), and its name for _lip2d_last_kernel.
-enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows, PlanesGather };
+enum class CpuKernel { ChannelsLast, PlanesBlocks, PlanesRows, PlanesGather, PlanesHalving };
 
 // The blocks kernels by default only for planes up to kMaxBlockPixels,
 // and only where they fill more lanes than rows would. Measured (AVX-512,
@@ -167,14 +172,18 @@ ElementBytes element_bytes(const at::Tensor& x, const at::Tensor& logit) {
   return {static_cast<int64_t>(x.element_size()), static_cast<int64_t>(logit.element_size())};
 }
 
-// The backward's kernel: the gather one where it is the default (or where
-// LIP_CUDA_CPU_PLANES=gather asks for it) and it takes the geometry, else
-// the forward's. Fills gc only then: its tables cost host time per column.
+// The backward's kernel: the halving one where it is the default (or where
+// LIP_CUDA_CPU_PLANES=halving asks for it) and it takes the geometry, else
+// the gather one likewise, else the forward's. Fills gc only then: its tables cost host time per column.
 CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, ElementBytes e, GatherColumns& gc) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
   const CpuKernel kernel = use_blocks(cg.g, false, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
   const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
+  if (planes == "halving" ? halving_works(cg.g)
+                          : planes != "gather" && halving_by_default(cg.g, e.x == int64_t(sizeof(float)))) {
+    return CpuKernel::PlanesHalving;
+  }
   const bool by_default = kernel == CpuKernel::PlanesRows ? gather_by_default(cg.g)
                                                           : gather_before_blocks(cg.g, e.x == int64_t(sizeof(float)));
   if (planes != "gather" && !by_default) return kernel;
@@ -187,6 +196,7 @@ const char* cpu_kernel_name(CpuKernel kernel) {
     case CpuKernel::ChannelsLast: return "cpu_" LIP_CPU_ISA_NAME "_channels_last";
     case CpuKernel::PlanesBlocks: return "cpu_" LIP_CPU_ISA_NAME "_planes_blocks";
     case CpuKernel::PlanesGather: return "cpu_" LIP_CPU_ISA_NAME "_planes_gather";
+    case CpuKernel::PlanesHalving: return "cpu_" LIP_CPU_ISA_NAME "_planes_halving";
     default: return "cpu_" LIP_CPU_ISA_NAME "_planes_rows";
   }
 }
@@ -220,6 +230,7 @@ const char* run(const BackwardTensors& t, const CallGeometry& cg, bool stream) {
         case CpuKernel::ChannelsLast: backward_channels_last<x_t, l_t>(t, cg, stream); break;
         case CpuKernel::PlanesBlocks: backward_planes<x_t, l_t>(t, cg, stream); break;
         case CpuKernel::PlanesGather: backward_gather<x_t, l_t>(t, cg, gc, stream); break;
+        case CpuKernel::PlanesHalving: backward_halving<x_t, l_t>(t, cg, stream); break;
         default: backward_rows<x_t, l_t>(t, cg, stream); break;
       }
     }

@@ -435,6 +435,52 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
     assert gathered >= 10 or baseline, gathered
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_halving_backward_random_planes_equal_channels_last(dtype, monkeypatch, seed):
+    """The halving backward (kernel 3, stride 2, padding 1 on even planes:
+    each stride phase laid out flat, two 7-wide phase rows a vector at 14
+    wide, input rows split into phases by lane permutes, the taps past a
+    row's end or below the last row reading exact zeros) adds grad_tap's
+    terms in the other layouts' order: bitwise the channels_last results,
+    on random even planes 2 to 64 tall and 2 to 30 wide (one vector or two
+    a phase row, one strip or many), with masked (-inf) logits, logits up to
+    60 apart (windows that fall back to their own max, strips with other
+    references), logits shared across images or channels, float32 logits
+    with half x, and some inf x."""
+    rng = np.random.default_rng(seed)
+    geometry = ((3, 3), (2, 2), (1, 1))
+    halved = 0
+    for _ in range(40):
+        h, w = 2 * int(rng.integers(1, 33)), 2 * int(rng.integers(1, 16))
+        shape = (int(rng.integers(1, 3)), int(rng.integers(2, 5)), h, w)
+        logit_shape = [shape, (1, shape[1], h, w), (shape[0], 1, h, w)][int(rng.integers(0, 3))]
+        x, logit = random_inputs(shape, dtype, "contiguous", logit_shape=logit_shape,
+                                 logit_high=float(rng.choice([6.0, 30.0, 60.0])))
+        logit = logit.masked_fill(torch.rand(logit_shape) < 0.1, float("-inf"))
+        if dtype != torch.float32 and rng.integers(0, 2):
+            logit = logit.float()  # float32 logits with half x, as autocast gives them
+        if rng.integers(0, 3) == 0:
+            x = x.masked_fill(torch.rand(shape) < 0.01, float("inf"))
+        grad_out = torch.randn(shape[0], shape[1], h // 2, w // 2).to(dtype)
+        monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "halving")
+        got, kernel = fused_backward_kernel(x, logit, grad_out, *geometry, False)
+        monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+        halved += kernel.endswith("planes_halving")
+        cl = torch.channels_last
+        want, cl_kernel = fused_backward_kernel(x.to(memory_format=cl), logit.contiguous(memory_format=cl),
+                                                grad_out, *geometry, False)
+        assert cl_kernel.endswith("channels_last") or shape[1] == 1, cl_kernel
+        for name, a, b in zip(("out", "grad_x", "grad_logit"), got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{name} shape {shape} logit {logit_shape} {logit.dtype} {kernel}")
+    # the AVX2 build (8 lanes) takes planes under 16 wide; the baseline
+    # build (4 lanes) none
+    if kernel.startswith("cpu_avx512"):
+        assert halved == 40, halved
+    elif kernel.startswith("cpu_avx2"):
+        assert halved >= 5, halved
+
+
 @pytest.mark.parametrize("geometry", [
     ((19, 3), (2, 2), (9, 1)),
     ((13, 5), (1, 2), (6, 2)),
@@ -477,16 +523,22 @@ def test_gather_shared_logit_matches_oracle(dtype, logit_shape, seed):
     ((2, 20, 56, 56), torch.float32, "planes_gather", "planes_gather"),
     ((2, 64, 56, 56), torch.float32, "planes_blocks", "planes_gather"),
     ((2, 64, 56, 56), torch.bfloat16, "planes_blocks", "planes_blocks"),
-    ((2, 32, 14, 14), torch.float32, "planes_blocks", "planes_blocks"),
-    ((2, 64, 28, 28), torch.float32, "planes_blocks", "planes_blocks"),
+    ((2, 32, 14, 14), torch.float32, "planes_blocks", "planes_halving"),
+    ((2, 32, 14, 14), torch.bfloat16, "planes_blocks", "planes_blocks"),
+    ((2, 64, 28, 28), torch.float32, "planes_blocks", "planes_halving"),
+    ((2, 64, 28, 28), torch.bfloat16, "planes_blocks", "planes_halving"),
+    ((2, 32, 14, 13), torch.float32, "planes_blocks", "planes_blocks"),  # odd width: no halving
+    ((2, 32, 30, 34), torch.float32, "planes_blocks", "planes_blocks"),  # 17 outputs a row: too wide
     ((1, 2, 40, 1100), torch.float32, "planes_rows", "planes_rows"),
 ], ids=str)
 def test_default_backward_kernels(shape, dtype, avx2_kernel, avx512_kernel, monkeypatch, seed):
     """Which contiguous backward runs by default: blocks for planes up to
     64 x 64 with many channels (which fill its lanes), else gather for
     planes 56 to 512 wide, else rows; the AVX-512 build's gather also takes
-    those 56 to 64 wide from blocks for float32 x (docs/kernels.md has the
-    measurements)."""
+    those 56 to 64 wide from blocks for float32 x, and its halving kernel
+    takes kernel 3, stride 2, padding 1 on even planes under 32 wide (float32
+    x; 16-bit x where the phase rows fill a vector: 28 x 28)
+    (docs/kernels.md has the measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
     x, logit = random_inputs(shape, dtype, "contiguous")
     grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape, dtype=dtype)
