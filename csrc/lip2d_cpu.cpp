@@ -165,6 +165,11 @@ bool use_blocks(const LipGeometry& g, bool forward, ElementBytes e) {
 
 CpuKernel cpu_kernel_for(const CallGeometry& cg, ElementBytes e) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
+  const std::string planes = forced_planes_kernel();
+  if (planes == "halving" ? halving_works(cg.g)
+                          : planes.empty() && halving_forward_by_default(cg.g)) {
+    return CpuKernel::PlanesHalving;
+  }
   return use_blocks(cg.g, true, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
 }
 
@@ -212,6 +217,7 @@ const char* run(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
       switch (kernel) {
         case CpuKernel::ChannelsLast: forward_channels_last<x_t, l_t>(t, cg, stream); break;
         case CpuKernel::PlanesBlocks: forward_planes<x_t, l_t>(t, cg, stream); break;
+        case CpuKernel::PlanesHalving: forward_halving<x_t, l_t>(t, cg, stream); break;
         default: forward_rows<x_t, l_t>(t, cg, stream); break;
       }
     }

@@ -42,6 +42,10 @@ inline bool halving_by_default(const LipGeometry& g, bool float32_x) {
   return LIP_CPU_ISA >= 2 && halving_works(g) && (float32_x || g.OW >= kLanes / 2);
 }
 
+inline bool halving_forward_by_default(const LipGeometry& g) {
+  return LIP_CPU_ISA >= 2 && halving_works(g);
+}
+
 // A plane's flat phase layout: phase row r of phase (ph, pw) holds the
 // inputs (2 r + ph, 2 c + pw), c < OW, at r * pitch + c; a vector holds
 // `rows` phase rows. Input row pairs: with pitch kLanes / 2 a vector's two
@@ -76,16 +80,22 @@ struct HalvingLayout {
   }
 };
 
-// The two halves' lanes split into column phases (even, odd), and back.
-inline void split_phases(Lanes a, Lanes b, Lanes& even, Lanes& odd) {
-  even = __builtin_shuffle(a, b, even_odd_mask(0));
-  odd = __builtin_shuffle(a, b, even_odd_mask(1));
-}
+// The lane permutes that split two halves' lanes into column phases (even,
+// odd) and merge them back; built once per task (GCC computed such masks
+// lane by lane at every use: 8% of the forward's time).
+struct PhaseMasks {
+  LaneInts even = even_odd_mask(0), odd = even_odd_mask(1);
+  LaneInts merge_a = interleave_mask(0), merge_b = interleave_mask(1);
 
-inline void merge_phases(Lanes even, Lanes odd, Lanes& a, Lanes& b) {
-  a = __builtin_shuffle(even, odd, interleave_mask(0));
-  b = __builtin_shuffle(even, odd, interleave_mask(1));
-}
+  void split(Lanes a, Lanes b, Lanes& e, Lanes& o) const {
+    e = __builtin_shuffle(a, b, even);
+    o = __builtin_shuffle(a, b, odd);
+  }
+  void merge(Lanes e, Lanes o, Lanes& a, Lanes& b) const {
+    a = __builtin_shuffle(e, o, merge_a);
+    b = __builtin_shuffle(e, o, merge_b);
+  }
+};
 
 // One phase vector's gradients over its covering outputs: taps at the
 // scratch offsets `offsets` (ascending (oh, ow) order), each a load of
@@ -160,6 +170,7 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
     float *s_ref = scratch[0], *s_inv = scratch[1], *s_g = scratch[2], *s_y = scratch[3];
     LaneInts clamp;
     for (int l = 0; l < kLanes; ++l) clamp[l] = static_cast<int32_t>(std::min<int64_t>(l, L.OW - 1));
+    const PhaseMasks masks;
     const int64_t tap1[1] = {0}, tap2c[2] = {0, 1}, tap2r[2] = {0, P}, tap4[4] = {0, 1, P, P + 1};
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
@@ -208,15 +219,15 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           L.halves(ph, k, a_at, a_count, b_at, b_count);
           next.step(lines_per_vector);
           Lanes xe, xo, le, lo;
-          split_phases(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
-          split_phases(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
+          masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
+          masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
           const int64_t at = k * L.rows * P;
           const float *r = s_ref + at, *iv = s_inv + at, *go = s_g + at, *yo = s_y + at;
           // whether all the taps' references are one (a tile-form strip's):
           // then they all take the first one's exp, with no compare per tap
           const float first_ref = r[0];
           const bool uniform = cpu_math::all_set(load_full(r) == splat(first_ref)) &&
-                               cpu_math::all_set(load_lanes(r + kLanes, L.uniform_tail) == splat(first_ref) |
+                               cpu_math::all_set((load_lanes(r + kLanes, L.uniform_tail) == splat(first_ref)) |
                                                  L.uniform_tail_lanes);
           Lanes dxe, dle, dxo, dlo;
           const auto phases = [&](auto uniform_tag) {
@@ -235,16 +246,210 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
             phases(std::false_type());
           }
           Lanes a, b;
-          merge_phases(dxe, dxo, a, b);
+          masks.merge(dxe, dxo, a, b);
           store_lanes(gxq + a_at, a, a_count, streamed);
           if (b_count > 0) store_lanes(gxq + b_at, b, b_count, streamed);
-          merge_phases(dle, dlo, a, b);
+          masks.merge(dle, dlo, a, b);
           store_lanes(glq + a_at, a, a_count, streamed);
           if (b_count > 0) store_lanes(glq + b_at, b, b_count, streamed);
         }
       }
     }
     if (streamed) cpu_math::stream_fence();
+  });
+}
+
+
+// ---- forward ----------------------------------------------------------------
+//
+// A strip's (kStripRows output rows, as every layout takes them) input rows
+// are weighed as they lie in memory (one exp each, relative to the strip's
+// max logit) and split into four phase arrays with the phases' pitch,
+// each column phase shifted by one place so that its first place is the
+// padding column (w = -1: weight 0) and each odd row phase starting at the
+// padding row above the plane (h = -1: weight 0) when the strip is the
+// first. A vector of outputs (rows of the strip at the pitch) then sums its
+// nine taps as loads at fixed offsets, in the row-major order of the other
+// layouts; a padding tap adds an exact +0 (a weight sum is never -0), so y
+// and the statistics are bitwise theirs.
+
+// The lane permutes that split a row of weights into its column phases,
+// shifted by one place (place 0 reads lane `zero`, which holds 0): with
+// pitch kLanes / 2 one vector [even | odd] of one row, else the even and
+// the odd phases of a row's two halves.
+inline LaneInts shifted_phase_mask(int odd, int64_t pitch, int zero) {
+  LaneInts mask;
+  for (int l = 0; l < kLanes; ++l) {
+    const int place = static_cast<int>(l % pitch);
+    const int phase = pitch == kLanes ? odd : static_cast<int>(l / pitch);
+    mask[l] = place == 0 ? zero : 2 * (place - 1) + phase;
+  }
+  return mask;
+}
+
+// The upper half of a vector in its lower half (the second output row of a
+// vector with pitch kLanes / 2).
+inline LaneInts upper_half_mask() {
+  LaneInts mask;
+  for (int l = 0; l < kLanes; ++l) mask[l] = (l + kLanes / 2) % kLanes;
+  return mask;
+}
+
+// floats of one phase array: a strip's phase rows (kStripRows + 1) and one
+// more for the last vector's reads past them
+constexpr int64_t kHalvingPhaseFloats = (kStripRows + 3) * kLanes;
+
+template <typename x_t, typename l_t>
+void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
+  const LipGeometry g = cg.g;
+  const LogitStrides ls = cg.ls;
+  // (its output rows are a quarter of its input rows: plain stores)
+  (void)stream;
+  const auto [x_ptr, l_ptr, out_ptr, max_ptr, inv_ptr] = forward_pointers<x_t, l_t>(t);
+  const HalvingLayout lay(g);
+  TORCH_INTERNAL_ASSERT(halving_works(g));
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) __attribute__((flatten)) {
+    // copies, as in backward_halving
+    const HalvingLayout L = lay;
+    const LipGeometry G = g;
+    const int64_t C = G.C, plane_in = L.H * L.W, plane_out = L.OH * L.OW;
+    const LogitStrides lstr = ls;
+    const x_t* xp = x_ptr;
+    const l_t* lp = l_ptr;
+    x_t* yp = out_ptr;
+    float *mp = max_ptr, *ip = inv_ptr;
+    const int64_t P = L.pitch;
+    const float inf = std::numeric_limits<float>::infinity();
+    // [row phase][column phase]: weights and weighted terms
+    alignas(64) float e_phase[2][2][kHalvingPhaseFloats], ex_phase[2][2][kHalvingPhaseFloats];
+    std::memset(e_phase, 0, sizeof(e_phase));
+    std::memset(ex_phase, 0, sizeof(ex_phase));
+    const int zero_lane = P == kLanes ? 2 * kLanes - 1 : kLanes - 1;
+    const LaneInts split_even = shifted_phase_mask(0, P, zero_lane);
+    const LaneInts split_odd = shifted_phase_mask(1, P, zero_lane);
+    const LaneInts upper = upper_half_mask();
+    const LaneInts a_lanes = cpu_math::lanes_between(0, static_cast<int32_t>(std::min<int64_t>(L.W, kLanes)));
+    const LaneInts b_lanes = cpu_math::lanes_between(0, static_cast<int32_t>(std::max<int64_t>(0, L.W - kLanes)));
+    const int64_t a_count = std::min<int64_t>(L.W, kLanes), b_count = L.W - a_count;
+    // the lanes that are outputs (ow < OW) of a vector's first row, or of both
+    LaneInts out_lanes[2];
+    for (int l = 0; l < kLanes; ++l) {
+      out_lanes[0][l] = l < P && l % P < L.OW ? -1 : 0;
+      out_lanes[1][l] = l % P < L.OW ? -1 : 0;
+    }
+    // lane rotations by kLanes / 2, kLanes / 4, ..., 1
+    constexpr int kRotations = __builtin_ctz(kLanes);
+    LaneInts rotate[kRotations];
+    for (int i = 0; i < kRotations; ++i) {
+      for (int l = 0; l < kLanes; ++l) rotate[i][l] = (l + (kLanes >> (i + 1))) % kLanes;
+    }
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const x_t* xq = xp + plane * plane_in;
+      const l_t* lq = lp + n * lstr.n + c * lstr.c;
+      const int64_t o_plane = plane * plane_out;
+      for (int64_t s = 0; s < strip_count(G); ++s) {
+        const Strip st = strip_at(G, s);
+        // the strip's max logit: its input rows are one run of memory
+        Lanes m = splat(-inf);
+        {
+          const l_t* run = lq + st.h0 * L.W;
+          const int64_t count = (st.h1 - st.h0) * L.W;
+          int64_t i = 0;
+          for (; i + kLanes <= count; i += kLanes) Step::max_tap(m, load_full(run + i));
+          if (i < count) {
+            const LaneInts tail = cpu_math::lanes_between(0, static_cast<int32_t>(count - i));
+            Step::max_tap(m, cpu_math::select(tail, load_lanes(run + i, count - i), splat(-inf)));
+          }
+        }
+        // all lanes to the max of all (max is exact: any order gives it)
+        for (int i = 0; i < kRotations; ++i) Step::max_tap(m, __builtin_shuffle(m, rotate[i]));
+        const Lanes reference = Step::reference_max(m);
+        // odd phase row r holds input row 2 (oh0 + r) - 1, even row r input
+        // row 2 (oh0 + r); the padding row above the plane weighs 0
+        if (st.oh0 == 0) {
+          for (int pw = 0; pw < 2; ++pw) {
+            store_full(&e_phase[1][pw][0], splat(0.0f));
+            store_full(&ex_phase[1][pw][0], splat(0.0f));
+          }
+        }
+        for (int64_t h = st.h0; h < st.h1; ++h) {
+          const int64_t ph = h & 1, r = (h + ph) / 2 - st.oh0;
+          const Lanes la = cpu_math::select(a_lanes, load_lanes(lq + h * L.W, a_count), splat(-inf));
+          const Lanes xa = load_lanes(xq + h * L.W, a_count);
+          Lanes ea, exa;
+          Step::tile_weight(la, xa, reference, ea, exa);
+          if (P == kLanes) {
+            const Lanes lb = cpu_math::select(b_lanes, load_lanes(lq + h * L.W + kLanes, b_count), splat(-inf));
+            const Lanes xb = load_lanes(xq + h * L.W + kLanes, b_count);
+            Lanes eb, exb;
+            Step::tile_weight(lb, xb, reference, eb, exb);
+            store_full(&e_phase[ph][0][r * P], __builtin_shuffle(ea, eb, split_even));
+            store_full(&e_phase[ph][1][r * P], __builtin_shuffle(ea, eb, split_odd));
+            store_full(&ex_phase[ph][0][r * P], __builtin_shuffle(exa, exb, split_even));
+            store_full(&ex_phase[ph][1][r * P], __builtin_shuffle(exa, exb, split_odd));
+          } else {
+            // [even | odd] in one vector; each half to its phase row
+            const Lanes e2 = __builtin_shuffle(ea, split_even), ex2 = __builtin_shuffle(exa, split_even);
+            store_lanes(&e_phase[ph][0][r * P], e2, P);
+            store_lanes(&e_phase[ph][1][r * P], __builtin_shuffle(e2, upper), P);
+            store_lanes(&ex_phase[ph][0][r * P], ex2, P);
+            store_lanes(&ex_phase[ph][1][r * P], __builtin_shuffle(ex2, upper), P);
+          }
+        }
+        // output vectors: rows oh0 + v rows .. of the strip
+        for (int64_t v = 0; v * L.rows < st.oh1 - st.oh0; ++v) {
+          const int64_t at = v * L.rows * P;
+          Lanes sum = splat(0.0f), weighted = splat(0.0f);
+          const auto tap = [&](int rph, int64_t dr, int cph, int64_t dc) __attribute__((always_inline)) {
+            const int64_t o = at + dr * P + dc;
+            Step::add_weight(load_full(&e_phase[rph][cph][o]), load_full(&ex_phase[rph][cph][o]), sum,
+                             weighted);
+          };
+          // kh 0: the odd row above; kh 1: the even row; kh 2: the odd row
+          // below. kw alike over the column phases (shifted by one place).
+          tap(1, 0, 1, 0), tap(1, 0, 0, 1), tap(1, 0, 1, 1);
+          tap(0, 0, 1, 0), tap(0, 0, 0, 1), tap(0, 0, 1, 1);
+          tap(1, 1, 1, 0), tap(1, 1, 0, 1), tap(1, 1, 1, 1);
+          Lanes y, inv, ref = reference;
+          Step::finish(sum, weighted, y, inv);
+          const int64_t oh = st.oh0 + v * L.rows;
+          const int64_t out_rows = std::min<int64_t>(L.rows, st.oh1 - oh);
+          const LaneInts valid = out_lanes[out_rows - 1];
+          const Lanes key = cpu_math::select(valid, Step::fallback_key(sum, weighted), splat(1.0f));
+          if (Step::needs_window_max(key)) {
+            // the windows far below the strip's max, each from its own max,
+            // with every lane of a vector on the one window (the other
+            // layouts' arithmetic, lane by lane): rare
+            float keys[kLanes], ys[kLanes], refs[kLanes], invs[kLanes];
+            store(keys, key), store(ys, y), store(refs, ref), store(invs, inv);
+            for (int l = 0; l < kLanes; ++l) {
+              if (!(keys[l] < kTileMinWeightSum)) continue;
+              const int64_t woh = oh + l / P, wow = l % P;
+              int64_t h0, h1, w0, w1;
+              window_range<int64_t>(woh, 3, 2, 1, L.H, h0, h1);
+              window_range<int64_t>(wow, 3, 2, 1, L.W, w0, w1);
+              Lanes y_w, m_w, inv_w;
+              window_softmax(
+                  h0, h1, w0, w1, [&](int64_t h, int64_t w) { return splat(static_cast<float>(lq[h * L.W + w])); },
+                  [&](int64_t h, int64_t w) { return splat(static_cast<float>(xq[h * L.W + w])); }, y_w, m_w,
+                  inv_w);
+              ys[l] = y_w[0], refs[l] = m_w[0], invs[l] = inv_w[0];
+            }
+            y = load(ys), ref = load(refs), inv = load(invs);
+          }
+          const int64_t o = o_plane + oh * L.OW;
+          store_lanes(yp + o, y, L.OW, false);
+          store_lanes(mp + o, ref, L.OW, false);
+          store_lanes(ip + o, inv, L.OW, false);
+          if (out_rows == 2) {
+            store_lanes(yp + o + L.OW, __builtin_shuffle(y, upper), L.OW, false);
+            store_lanes(mp + o + L.OW, __builtin_shuffle(ref, upper), L.OW, false);
+            store_lanes(ip + o + L.OW, __builtin_shuffle(inv, upper), L.OW, false);
+          }
+        }
+      }
+    }
   });
 }
 

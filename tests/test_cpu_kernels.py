@@ -81,7 +81,8 @@ PLANES = [
     ((1, 2, 41, 67), (2, 4), (1, 3), (1, 2), False, "rows"),
     ((2, 3, 19, 50), (1, 5), (2, 1), (0, 2), False, "rows"),
     ((1, 1, 9, 200), (3, 7), (2, 4), (1, 3), True, "rows"),  # stride 4 with padding 3
-    ((2, 40, 12, 12), 3, 2, 1, False, "blocks"),           # small planes, many channels
+    ((2, 40, 12, 11), 3, 2, 1, False, "blocks"),           # small planes, many channels
+    ((2, 40, 12, 12), 3, 2, 1, False, "halving"),          # k3 s2 p1 on an even plane (AVX-512)
     ((1, 24, 9, 13), (2, 3), (2, 3), (1, 1), True, "blocks"),
 ]
 
@@ -98,6 +99,8 @@ def test_planes_match_oracle(case, layout, dtype, seed):
     want = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
     assert_matches_oracle(got, want, dtype)
     # one channel: channels_last is also contiguous, and runs as such
+    if path == "halving" and not kernel.startswith("cpu_avx512"):
+        path = "blocks"  # the halving kernels' default is the AVX-512 build's
     expected = f"planes_{path}" if x.is_contiguous() else "channels_last"
     assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
 
@@ -436,12 +439,13 @@ def test_gather_backward_random_geometries_equal_channels_last(dtype, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
-def test_halving_backward_random_planes_equal_channels_last(dtype, monkeypatch, seed):
-    """The halving backward (kernel 3, stride 2, padding 1 on even planes:
+def test_halving_random_planes_equal_channels_last(dtype, monkeypatch, seed):
+    """The halving kernels (kernel 3, stride 2, padding 1 on even planes:
     each stride phase laid out flat, two 7-wide phase rows a vector at 14
-    wide, input rows split into phases by lane permutes, the taps past a
-    row's end or below the last row reading exact zeros) adds grad_tap's
-    terms in the other layouts' order: bitwise the channels_last results,
+    wide, input rows split into phases by lane permutes, the padding taps
+    and those past a row's end or below the last row reading exact zeros)
+    take the strips' maxima and fallback windows of the other layouts and
+    add their terms in the same order: bitwise the channels_last results,
     on random even planes 2 to 64 tall and 2 to 30 wide (one vector or two
     a phase row, one strip or many), with masked (-inf) logits, logits up to
     60 apart (windows that fall back to their own max, strips with other
@@ -463,8 +467,10 @@ def test_halving_backward_random_planes_equal_channels_last(dtype, monkeypatch, 
             x = x.masked_fill(torch.rand(shape) < 0.01, float("inf"))
         grad_out = torch.randn(shape[0], shape[1], h // 2, w // 2).to(dtype)
         monkeypatch.setenv("LIP_CUDA_CPU_PLANES", "halving")
-        got, kernel = fused_backward_kernel(x, logit, grad_out, *geometry, False)
+        got, forward_kernel = fused_with_grads(x, logit, grad_out, *geometry, False)
+        kernel = ops._lip2d_last_kernel()
         monkeypatch.delenv("LIP_CUDA_CPU_PLANES")
+        assert forward_kernel == kernel, (forward_kernel, kernel)  # both directions halving, or neither
         halved += kernel.endswith("planes_halving")
         cl = torch.channels_last
         want, cl_kernel = fused_backward_kernel(x.to(memory_format=cl), logit.contiguous(memory_format=cl),
@@ -555,7 +561,9 @@ def test_default_backward_kernels(shape, dtype, avx2_kernel, avx512_kernel, monk
 @pytest.mark.parametrize("shape,avx2_kernel,kernel", [
     ((2, 64, 112, 112), "planes_blocks", "planes_blocks"),  # blocks in bands of rows
     ((1, 16, 160, 160), "planes_blocks", "planes_rows"),    # a tie of lane fill
-    ((2, 64, 28, 28), "planes_blocks", "planes_blocks"),
+    ((2, 64, 28, 28), "planes_blocks", "planes_halving"),
+    ((2, 64, 14, 14), "planes_blocks", "planes_halving"),
+    ((2, 64, 28, 27), "planes_blocks", "planes_blocks"),    # odd width: no halving
     ((1, 2, 40, 1100), "planes_rows", "planes_rows"),
     ((1, 8, 9, 30000), "planes_rows", "planes_rows"),     # one band's scratch too big for blocks
 ], ids=str)
@@ -563,8 +571,9 @@ def test_default_forward_kernels(shape, avx2_kernel, kernel, monkeypatch, seed):
     """Which contiguous forward runs by default: blocks for planes with
     many channels (bigger planes in bands of rows, unless one band's scratch
     would exceed its bound); on a tie of lane fill with rows, blocks in the
-    AVX2 build and rows in the AVX-512 one (docs/kernels.md has the
-    measurements)."""
+    AVX2 build and rows in the AVX-512 one; in the AVX-512 build, the
+    halving kernel for kernel 3, stride 2, padding 1 on even planes under
+    32 wide (docs/kernels.md has the measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
     x, logit = random_inputs(shape, torch.float32, "contiguous")
     grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
