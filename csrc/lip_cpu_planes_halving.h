@@ -1,13 +1,13 @@
 // Contiguous NCHW, "halving": kernel 3, stride 2, padding 1 on planes of
-// even height and width under 2 kLanes (LIP-ResNet's pooling at 14 x
-// 14 and 28 x 28). Lanes run along one stride phase of a plane laid out
-// flat with a row pitch P of kLanes / 2 or kLanes (one spare column at
-// least, so that the tap past a row's end reads an exact zero), so that a 7-wide phase
-// row shares a vector with the next one; each input row is split into its
-// two column phases by lane permutes in registers, and every (input,
-// covering output) pair of a phase is a load at a fixed offset. No
-// transposes (the blocks kernels' cost) and no per-row bookkeeping (the
-// gather backward's).
+// even height and width (LIP-ResNet's pooling), up to kHalvingMaxWidth
+// wide. Lanes run along one stride phase of a plane laid out flat with a
+// row pitch P: kLanes / 2 where a phase row fits (two 7-wide phase rows a
+// vector at 14 x 14), else a multiple of kLanes, with one spare column at
+// least, so that the tap past a row's end reads an exact zero. Each input
+// row is split into its two column phases by lane permutes in registers,
+// and every (input, covering output) pair of a phase is a load at a fixed
+// offset. No transposes (the blocks kernels' cost) and no per-row
+// bookkeeping (the gather backward's).
 #pragma once
 
 #include "lip_cpu_tile.h"
@@ -16,66 +16,84 @@ namespace lip_cuda {
 namespace LIP_CPU_NS {
 namespace {
 
-// Planes up to this many rows: a task's scratch (four output arrays of
-// (H / 2 + 3) x kLanes floats) stays a few KiB on the stack.
-constexpr int64_t kHalvingMaxHeight = 64;
-constexpr int64_t kHalvingScratchFloats = (kHalvingMaxHeight / 2 + 3) * kLanes + kLanes;
+// The planes it takes, at most: a task's scratch (the backward's four
+// output arrays of (H / 2 + 3) x P floats) stays within 72 KiB.
+constexpr int64_t kHalvingMaxHeight = 128;
+constexpr int64_t kHalvingMaxPitch = 4 * kLanes;
+constexpr int64_t kHalvingMaxWidth = 2 * (kHalvingMaxPitch - 1);
+
+inline int64_t halving_pitch(int64_t OW) {
+  return OW < kLanes / 2 ? kLanes / 2 : (OW + kLanes) / kLanes * kLanes;
+}
 
 // Whether the halving kernels take this geometry.
 inline bool halving_works(const LipGeometry& g) {
   return kLanes >= 8 && g.kH == 3 && g.kW == 3 && g.sH == 2 && g.sW == 2 && g.pH == 1 && g.pW == 1 &&
-         g.H % 2 == 0 && g.W % 2 == 0 && g.OH == g.H / 2 && g.OW == g.W / 2 && g.OW < kLanes &&
+         g.H % 2 == 0 && g.W % 2 == 0 && g.OH == g.H / 2 && g.OW == g.W / 2 && g.W <= kHalvingMaxWidth &&
          g.H <= kHalvingMaxHeight;
 }
 
-// Where the halving backward is the default: in the AVX-512 build, for
-// float32 x, and for 16-bit x on planes whose phase rows fill a vector each
-// (28 x 28). Measured on the Zen 4 VM (2 threads, inputs out of cache, op
-// calls through autograd in one process round by round, backward ms,
-// channels_last / halving / blocks): float32 2x512x28x28 0.558 / 0.627 /
-// 0.869, 2x512x14x14 0.146 / 0.193 / 0.227, 2x1024x14x14 0.273 / 0.351 /
-// 0.382; bfloat16 2x256x28x28 0.221 / 0.296 / 0.338, 2x512x28x28 0.418 /
-// 0.563 / 0.684, but 2x512x14x14 0.129 / 0.196 / 0.189 and 2x1024x14x14
-// 0.222 / 0.347 / 0.331. The AVX2 build (8 lanes: 14 x 14 planes only) was
-// slower than blocks there: float32 2x512x14x14 0.279 against 0.240.
-inline bool halving_by_default(const LipGeometry& g, bool float32_x) {
-  return LIP_CPU_ISA >= 2 && halving_works(g) && (float32_x || g.OW >= kLanes / 2);
-}
+// Where the halving kernels are the default: in the AVX-512 build, on
+// planes up to 64 wide; the backward for float32 x, and for 16-bit x where
+// the phase rows fill a vector (28 wide and more). Measured on the Zen 4
+// VM (2 threads, inputs out of cache, calls through autograd in one
+// process round by round, batch 2, ms, channels_last / halving / the
+// kernel otherwise taken):
+//   float32 backward: 512x14x14 0.146 / 0.193 / 0.227, 1024x14x14 0.273 /
+//   0.351 / 0.382, 512x28x28 0.558 / 0.627 / 0.869, 128x56x56 0.476 /
+//   0.673 / 0.749 (gather), 256x56x56 1.169 / 1.306 / 1.436 (gather);
+//   float32 forward: 512x14x14 0.129 / 0.154 / 0.189, 1024x14x14 0.211 /
+//   0.235 / 0.301, 512x28x28 0.378 / 0.362 / 0.477, 128x56x56 0.400 /
+//   0.366 / 0.485, 256x56x56 0.757 / 0.699 / 0.949;
+//   bfloat16: forward 128x56x56 0.301 / 0.333 / 0.392, 512x14x14 0.084 /
+//   0.120 / 0.115; backward 128x56x56 0.431 / 0.607 / 0.760, 256x28x28
+//   0.221 / 0.296 / 0.338, but 512x14x14 0.130 / 0.212 / 0.204 and
+//   1024x14x14 0.227 / 0.394 / 0.375.
+// At 64x112x112 float32 both directions were slower than the kernels
+// otherwise taken (forward 1.025 against 0.983, backward 1.716 against
+// 1.416), so wider planes keep them. The AVX2 build (8 lanes) was slower
+// than blocks at 14 x 14 (float32 backward 0.279 against 0.240, bfloat16
+// forward 0.307 against 0.168) and keeps them too.
+constexpr int64_t kHalvingDefaultMaxWidth = 64;
 
 inline bool halving_forward_by_default(const LipGeometry& g) {
-  return LIP_CPU_ISA >= 2 && halving_works(g);
+  return LIP_CPU_ISA >= 2 && halving_works(g) && g.W <= kHalvingDefaultMaxWidth;
+}
+
+inline bool halving_by_default(const LipGeometry& g, bool float32_x) {
+  return halving_forward_by_default(g) && (float32_x || g.OW >= kLanes / 2);
 }
 
 // A plane's flat phase layout: phase row r of phase (ph, pw) holds the
-// inputs (2 r + ph, 2 c + pw), c < OW, at r * pitch + c; a vector holds
-// `rows` phase rows. Input row pairs: with pitch kLanes / 2 a vector's two
-// halves are rows 2 r + ph and 2 r + 2 + ph; with pitch kLanes they are
-// the first kLanes columns of row 2 r + ph and the rest.
+// inputs (2 r + ph, 2 c + pw), c < OW, at r * pitch + c, and lane vector
+// k of a phase the flat places [k kLanes, (k + 1) kLanes). Each vector's
+// lanes come from two input vectors (a, b): with pitch kLanes / 2, rows
+// 2 r + ph and 2 r + 2 + ph; else 2 kLanes consecutive columns of row
+// 2 r + ph.
 struct HalvingLayout {
-  int64_t H, W, OH, OW, pitch, rows, vectors;
-  // the taps of a phase vector read rows + 1 scratch rows: kLanes floats
-  // and uniform_tail more (lanes past it set in uniform_tail_lanes)
-  int64_t uniform_tail;
-  LaneInts uniform_tail_lanes;
+  int64_t H, W, OH, OW, pitch, vectors;
 
   explicit HalvingLayout(const LipGeometry& g)
-      : H(g.H), W(g.W), OH(g.OH), OW(g.OW), pitch(g.OW < kLanes / 2 ? kLanes / 2 : kLanes),
-        rows(kLanes / pitch), vectors((g.OH + rows - 1) / rows), uniform_tail(pitch),
-        uniform_tail_lanes(~cpu_math::lanes_between(0, static_cast<int32_t>(pitch))) {}
-  // the scratch rows: the output rows and two of padding past the last
-  // vector's
-  int64_t scratch_floats() const { return (vectors * rows + 2) * pitch + kLanes; }
-  // where the two halves (a, b) of phase vector k of row phase ph lie
+      : H(g.H), W(g.W), OH(g.OH), OW(g.OW), pitch(halving_pitch(g.OW)),
+        vectors((g.OH * pitch + kLanes - 1) / kLanes) {}
+  // vectors a phase row (1 with pitch kLanes / 2: it shares one)
+  int64_t row_vectors() const { return std::max<int64_t>(1, pitch / kLanes); }
+  // the scratch rows that vectors' taps read: the output rows and the
+  // padding below them
+  int64_t scratch_rows() const { return (vectors * kLanes + pitch - 1) / pitch + 2; }
+  int64_t scratch_floats() const { return scratch_rows() * pitch + kLanes; }
+  // where the two inputs (a, b) of phase vector k of row phase ph lie
   // within the plane (element offset) and how many columns each holds
   void halves(int64_t ph, int64_t k, int64_t& a_at, int64_t& a_count, int64_t& b_at,
               int64_t& b_count) const {
-    const int64_t h = 2 * k * rows + ph;
-    if (rows == 2) {
+    if (pitch < kLanes) {
+      const int64_t h = 4 * k + ph;
       a_at = h * W, a_count = W;
       b_at = (h + 2) * W, b_count = h + 2 < H ? W : 0;
     } else {
-      a_at = h * W, a_count = std::min<int64_t>(W, kLanes);
-      b_at = h * W + kLanes, b_count = W - a_count;
+      const int64_t r = k / row_vectors(), col = 2 * (k % row_vectors()) * kLanes;
+      a_at = (2 * r + ph) * W + col, a_count = std::clamp<int64_t>(W - col, 0, kLanes);
+      b_at = a_at + kLanes, b_count = std::clamp<int64_t>(W - col - kLanes, 0, kLanes);
     }
   }
 };
@@ -152,7 +170,7 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
   const auto [g_ptr, x_ptr, l_ptr, y_ptr, max_ptr, inv_ptr, gx_ptr, gl_ptr] =
       backward_pointers<x_t, l_t>(t);
   const HalvingLayout lay(g);
-  TORCH_INTERNAL_ASSERT(halving_works(g) && lay.scratch_floats() <= kHalvingScratchFloats);
+  TORCH_INTERNAL_ASSERT(halving_works(g));
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) __attribute__((flatten)) {
     // copies: the compiler reloads what the lambda reaches by reference
     // after every intrinsic store, which may alias anything
@@ -165,11 +183,18 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
     const float *mp = max_ptr, *ip = inv_ptr;
     x_t* gxp = gx_ptr;
     l_t* glp = gl_ptr;
-    const int64_t P = L.pitch;
-    alignas(64) float scratch[4][kHalvingScratchFloats];
-    float *s_ref = scratch[0], *s_inv = scratch[1], *s_g = scratch[2], *s_y = scratch[3];
-    LaneInts clamp;
-    for (int l = 0; l < kLanes; ++l) clamp[l] = static_cast<int32_t>(std::min<int64_t>(l, L.OW - 1));
+    const int64_t P = L.pitch, RV = L.row_vectors(), floats = L.scratch_floats();
+    std::unique_ptr<Lanes[]> buffer(new Lanes[(4 * floats + kLanes - 1) / kLanes]);
+    float* const s_ref = reinterpret_cast<float*>(buffer.get());
+    float *const s_inv = s_ref + floats, *const s_g = s_inv + floats, *const s_y = s_g + floats;
+    // per vector j of an output row: its lanes' columns clamped to the
+    // row's last (the reference is repeated past the row's end)
+    LaneInts clamp[kHalvingMaxPitch / kLanes];
+    for (int64_t j = 0; j < RV; ++j) {
+      for (int l = 0; l < kLanes; ++l) {
+        clamp[j][l] = static_cast<int32_t>(std::clamp<int64_t>(L.OW - 1 - j * kLanes, 0, l));
+      }
+    }
     const PhaseMasks masks;
     const int64_t tap1[1] = {0}, tap2c[2] = {0, 1}, tap2r[2] = {0, P}, tap4[4] = {0, 1, P, P + 1};
     for (int64_t plane = begin; plane < end; ++plane) {
@@ -194,20 +219,28 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
         }
       }
       const int lines_per_vector = static_cast<int>((next.lines_left() + 2 * L.vectors - 1) / (2 * L.vectors));
-      Lanes last_ref = splat(0.0f);
+      Lanes last_ref[kHalvingMaxPitch / kLanes];
       for (int64_t oh = 0; oh < L.OH; ++oh) {
         const int64_t o = o_plane + oh * L.OW;
-        last_ref = __builtin_shuffle(load_lanes(mp + o, L.OW), clamp);
-        store_full(s_ref + oh * P, last_ref);
-        store_full(s_inv + oh * P, load_lanes(ip + o, L.OW));
-        store_full(s_g + oh * P, load_lanes(gp + o, L.OW));
-        store_full(s_y + oh * P, load_lanes(yp + o, L.OW));
+        for (int64_t j = 0; j < RV; ++j) {
+          const int64_t col = j * kLanes, count = std::clamp<int64_t>(L.OW - col, 0, kLanes);
+          const int64_t at = oh * P + col;
+          last_ref[j] = count > 0 ? __builtin_shuffle(load_lanes(mp + o + col, count), clamp[j])
+                                  : splat(mp[o + L.OW - 1]);
+          store_full(s_ref + at, last_ref[j]);
+          store_full(s_inv + at, load_lanes(ip + o + col, count));
+          store_full(s_g + at, load_lanes(gp + o + col, count));
+          store_full(s_y + at, load_lanes(yp + o + col, count));
+        }
       }
-      for (int64_t r = L.OH; r < L.vectors * L.rows + 2; ++r) {
-        store_full(s_ref + r * P, last_ref);
-        store_full(s_inv + r * P, splat(0.0f));
-        store_full(s_g + r * P, splat(0.0f));
-        store_full(s_y + r * P, splat(0.0f));
+      for (int64_t r = L.OH; r < L.scratch_rows(); ++r) {
+        for (int64_t j = 0; j < RV; ++j) {
+          const int64_t at = r * P + j * kLanes;
+          store_full(s_ref + at, last_ref[j]);
+          store_full(s_inv + at, splat(0.0f));
+          store_full(s_g + at, splat(0.0f));
+          store_full(s_y + at, splat(0.0f));
+        }
       }
       const x_t* xq = xp + plane * plane_in;
       const l_t* lq = lp + n * lstr.n + c * lstr.c;
@@ -221,14 +254,14 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           Lanes xe, xo, le, lo;
           masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
           masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
-          const int64_t at = k * L.rows * P;
+          const int64_t at = k * kLanes;
           const float *r = s_ref + at, *iv = s_inv + at, *go = s_g + at, *yo = s_y + at;
           // whether all the taps' references are one (a tile-form strip's):
           // then they all take the first one's exp, with no compare per tap
-          const float first_ref = r[0];
-          const bool uniform = cpu_math::all_set(load_full(r) == splat(first_ref)) &&
-                               cpu_math::all_set((load_lanes(r + kLanes, L.uniform_tail) == splat(first_ref)) |
-                                                 L.uniform_tail_lanes);
+          const Lanes first_ref = splat(r[0]);
+          const bool uniform = cpu_math::all_set((load_full(r) == first_ref) & (load_full(r + 1) == first_ref) &
+                                                 (load_full(r + P) == first_ref) &
+                                                 (load_full(r + P + 1) == first_ref));
           Lanes dxe, dle, dxo, dlo;
           const auto phases = [&](auto uniform_tag) {
             constexpr bool U = decltype(uniform_tag)::value;
@@ -264,26 +297,20 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
 //
 // A strip's (kStripRows output rows, as every layout takes them) input rows
 // are weighed as they lie in memory (one exp each, relative to the strip's
-// max logit) and split into four phase arrays with the phases' pitch,
-// each column phase shifted by one place so that its first place is the
-// padding column (w = -1: weight 0) and each odd row phase starting at the
-// padding row above the plane (h = -1: weight 0) when the strip is the
-// first. A vector of outputs (rows of the strip at the pitch) then sums its
-// nine taps as loads at fixed offsets, in the row-major order of the other
-// layouts; a padding tap adds an exact +0 (a weight sum is never -0), so y
-// and the statistics are bitwise theirs.
+// max logit) and split into four phase arrays with the backward's layout;
+// the odd row phase starts at the padding row above the plane (h = -1:
+// weight 0) when the strip is the first, and the tap left of a row's first
+// column reads the spare place that ends the row above (or the zeros
+// before the array): weight 0. A vector of outputs (the strip's, flat at
+// the pitch) then sums its nine taps as loads at fixed offsets, in the
+// row-major order of the other layouts; a padding tap adds an exact +0 (a
+// weight sum is never -0), so y and the statistics are bitwise theirs.
 
-// The lane permutes that split a row of weights into its column phases,
-// shifted by one place (place 0 reads lane `zero`, which holds 0): with
-// pitch kLanes / 2 one vector [even | odd] of one row, else the even and
-// the odd phases of a row's two halves.
-inline LaneInts shifted_phase_mask(int odd, int64_t pitch, int zero) {
+// The lane permute that puts a row of at most kLanes - 2 columns into
+// [even | odd] halves (pitch kLanes / 2).
+inline LaneInts row_halves_mask() {
   LaneInts mask;
-  for (int l = 0; l < kLanes; ++l) {
-    const int place = static_cast<int>(l % pitch);
-    const int phase = pitch == kLanes ? odd : static_cast<int>(l / pitch);
-    mask[l] = place == 0 ? zero : 2 * (place - 1) + phase;
-  }
+  for (int l = 0; l < kLanes; ++l) mask[l] = l < kLanes / 2 ? 2 * l : 2 * (l - kLanes / 2) + 1;
   return mask;
 }
 
@@ -295,9 +322,11 @@ inline LaneInts upper_half_mask() {
   return mask;
 }
 
-// floats of one phase array: a strip's phase rows (kStripRows + 1) and one
-// more for the last vector's reads past them
-constexpr int64_t kHalvingPhaseFloats = (kStripRows + 3) * kLanes;
+// floats of one phase array: zeros before it (the tap left of its first
+// place), a strip's phase rows (kStripRows + 1) and one more for the last
+// vector's reads past them
+constexpr int64_t kHalvingLead = kLanes;
+constexpr int64_t kHalvingPhaseFloats = kHalvingLead + (kStripRows + 2) * kHalvingMaxPitch + kLanes;
 
 template <typename x_t, typename l_t>
 void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool stream) {
@@ -318,24 +347,33 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
     const l_t* lp = l_ptr;
     x_t* yp = out_ptr;
     float *mp = max_ptr, *ip = inv_ptr;
-    const int64_t P = L.pitch;
+    const int64_t P = L.pitch, RV = L.row_vectors();
     const float inf = std::numeric_limits<float>::infinity();
     // [row phase][column phase]: weights and weighted terms
     alignas(64) float e_phase[2][2][kHalvingPhaseFloats], ex_phase[2][2][kHalvingPhaseFloats];
     std::memset(e_phase, 0, sizeof(e_phase));
     std::memset(ex_phase, 0, sizeof(ex_phase));
-    const int zero_lane = P == kLanes ? 2 * kLanes - 1 : kLanes - 1;
-    const LaneInts split_even = shifted_phase_mask(0, P, zero_lane);
-    const LaneInts split_odd = shifted_phase_mask(1, P, zero_lane);
-    const LaneInts upper = upper_half_mask();
-    const LaneInts a_lanes = cpu_math::lanes_between(0, static_cast<int32_t>(std::min<int64_t>(L.W, kLanes)));
-    const LaneInts b_lanes = cpu_math::lanes_between(0, static_cast<int32_t>(std::max<int64_t>(0, L.W - kLanes)));
-    const int64_t a_count = std::min<int64_t>(L.W, kLanes), b_count = L.W - a_count;
-    // the lanes that are outputs (ow < OW) of a vector's first row, or of both
-    LaneInts out_lanes[2];
-    for (int l = 0; l < kLanes; ++l) {
-      out_lanes[0][l] = l < P && l % P < L.OW ? -1 : 0;
-      out_lanes[1][l] = l % P < L.OW ? -1 : 0;
+    const PhaseMasks masks;
+    const LaneInts halves = row_halves_mask(), upper = upper_half_mask();
+    // per input vector i of a row: its lanes inside the row, and their count
+    LaneInts in_lanes[2 * kHalvingMaxPitch / kLanes];
+    int64_t in_count[2 * kHalvingMaxPitch / kLanes];
+    for (int64_t i = 0; i < 2 * RV; ++i) {
+      in_count[i] = std::clamp<int64_t>(L.W - i * kLanes, 0, kLanes);
+      in_lanes[i] = cpu_math::lanes_between(0, static_cast<int32_t>(in_count[i]));
+    }
+    // the lanes that are outputs (ow < OW): with pitch kLanes / 2 of a
+    // vector's first row or of both; else of output vector j of a row
+    LaneInts out_lanes[kHalvingMaxPitch / kLanes + 1];
+    if (P < kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        out_lanes[0][l] = l < P && l < L.OW ? -1 : 0;
+        out_lanes[1][l] = l % P < L.OW ? -1 : 0;
+      }
+    } else {
+      for (int64_t j = 0; j < RV; ++j) {
+        out_lanes[j] = cpu_math::lanes_between(0, static_cast<int32_t>(std::clamp<int64_t>(L.OW - j * kLanes, 0, kLanes)));
+      }
     }
     // lane rotations by kLanes / 2, kLanes / 4, ..., 1
     constexpr int kRotations = __builtin_ctz(kLanes);
@@ -343,6 +381,9 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
     for (int i = 0; i < kRotations; ++i) {
       for (int l = 0; l < kLanes; ++l) rotate[i][l] = (l + (kLanes >> (i + 1))) % kLanes;
     }
+    const auto phase = [&](float (&a)[2][2][kHalvingPhaseFloats], int rph, int cph) {
+      return &a[rph][cph][kHalvingLead];
+    };
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
       const x_t* xq = xp + plane * plane_in;
@@ -369,53 +410,72 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
         // row 2 (oh0 + r); the padding row above the plane weighs 0
         if (st.oh0 == 0) {
           for (int pw = 0; pw < 2; ++pw) {
-            store_full(&e_phase[1][pw][0], splat(0.0f));
-            store_full(&ex_phase[1][pw][0], splat(0.0f));
+            for (int64_t j = 0; j < std::max<int64_t>(1, RV); ++j) {
+              store_full(phase(e_phase, 1, pw) + j * kLanes, splat(0.0f));
+              store_full(phase(ex_phase, 1, pw) + j * kLanes, splat(0.0f));
+            }
           }
         }
         for (int64_t h = st.h0; h < st.h1; ++h) {
           const int64_t ph = h & 1, r = (h + ph) / 2 - st.oh0;
-          const Lanes la = cpu_math::select(a_lanes, load_lanes(lq + h * L.W, a_count), splat(-inf));
-          const Lanes xa = load_lanes(xq + h * L.W, a_count);
-          Lanes ea, exa;
-          Step::tile_weight(la, xa, reference, ea, exa);
-          if (P == kLanes) {
-            const Lanes lb = cpu_math::select(b_lanes, load_lanes(lq + h * L.W + kLanes, b_count), splat(-inf));
-            const Lanes xb = load_lanes(xq + h * L.W + kLanes, b_count);
-            Lanes eb, exb;
-            Step::tile_weight(lb, xb, reference, eb, exb);
-            store_full(&e_phase[ph][0][r * P], __builtin_shuffle(ea, eb, split_even));
-            store_full(&e_phase[ph][1][r * P], __builtin_shuffle(ea, eb, split_odd));
-            store_full(&ex_phase[ph][0][r * P], __builtin_shuffle(exa, exb, split_even));
-            store_full(&ex_phase[ph][1][r * P], __builtin_shuffle(exa, exb, split_odd));
-          } else {
+          // the row's weights, 0 past its end (logit -inf there)
+          const auto weigh = [&](int64_t i, Lanes& e, Lanes& ex) __attribute__((always_inline)) {
+            const int64_t at = h * L.W + i * kLanes;
+            const Lanes l = cpu_math::select(in_lanes[i], load_lanes(lq + at, in_count[i]), splat(-inf));
+            Step::tile_weight(l, load_lanes(xq + at, in_count[i]), reference, e, ex);
+          };
+          if (P < kLanes) {
+            Lanes e, ex;
+            weigh(0, e, ex);
             // [even | odd] in one vector; each half to its phase row
-            const Lanes e2 = __builtin_shuffle(ea, split_even), ex2 = __builtin_shuffle(exa, split_even);
-            store_lanes(&e_phase[ph][0][r * P], e2, P);
-            store_lanes(&e_phase[ph][1][r * P], __builtin_shuffle(e2, upper), P);
-            store_lanes(&ex_phase[ph][0][r * P], ex2, P);
-            store_lanes(&ex_phase[ph][1][r * P], __builtin_shuffle(ex2, upper), P);
+            const Lanes e2 = __builtin_shuffle(e, halves), ex2 = __builtin_shuffle(ex, halves);
+            store_lanes(phase(e_phase, ph, 0) + r * P, e2, P);
+            store_lanes(phase(e_phase, ph, 1) + r * P, __builtin_shuffle(e2, upper), P);
+            store_lanes(phase(ex_phase, ph, 0) + r * P, ex2, P);
+            store_lanes(phase(ex_phase, ph, 1) + r * P, __builtin_shuffle(ex2, upper), P);
+          } else {
+            for (int64_t j = 0; j < RV; ++j) {
+              Lanes ea, exa, eb, exb, even, odd;
+              weigh(2 * j, ea, exa);
+              weigh(2 * j + 1, eb, exb);
+              const int64_t at = r * P + j * kLanes;
+              masks.split(ea, eb, even, odd);
+              store_full(phase(e_phase, ph, 0) + at, even);
+              store_full(phase(e_phase, ph, 1) + at, odd);
+              masks.split(exa, exb, even, odd);
+              store_full(phase(ex_phase, ph, 0) + at, even);
+              store_full(phase(ex_phase, ph, 1) + at, odd);
+            }
           }
         }
-        // output vectors: rows oh0 + v rows .. of the strip
-        for (int64_t v = 0; v * L.rows < st.oh1 - st.oh0; ++v) {
-          const int64_t at = v * L.rows * P;
+        // output vectors: the strip's outputs flat at the pitch
+        const int64_t vectors = ((st.oh1 - st.oh0) * P + kLanes - 1) / kLanes;
+        for (int64_t v = 0; v < vectors; ++v) {
+          const int64_t at = v * kLanes;
           Lanes sum = splat(0.0f), weighted = splat(0.0f);
           const auto tap = [&](int rph, int64_t dr, int cph, int64_t dc) __attribute__((always_inline)) {
             const int64_t o = at + dr * P + dc;
-            Step::add_weight(load_full(&e_phase[rph][cph][o]), load_full(&ex_phase[rph][cph][o]), sum,
-                             weighted);
+            Step::add_weight(load_full(phase(e_phase, rph, cph) + o), load_full(phase(ex_phase, rph, cph) + o),
+                             sum, weighted);
           };
           // kh 0: the odd row above; kh 1: the even row; kh 2: the odd row
-          // below. kw alike over the column phases (shifted by one place).
-          tap(1, 0, 1, 0), tap(1, 0, 0, 1), tap(1, 0, 1, 1);
-          tap(0, 0, 1, 0), tap(0, 0, 0, 1), tap(0, 0, 1, 1);
-          tap(1, 1, 1, 0), tap(1, 1, 0, 1), tap(1, 1, 1, 1);
+          // below. kw 0: the odd column left; kw 1: the even one; kw 2: the
+          // odd one right.
+          tap(1, 0, 1, -1), tap(1, 0, 0, 0), tap(1, 0, 1, 0);
+          tap(0, 0, 1, -1), tap(0, 0, 0, 0), tap(0, 0, 1, 0);
+          tap(1, 1, 1, -1), tap(1, 1, 0, 0), tap(1, 1, 1, 0);
           Lanes y, inv, ref = reference;
           Step::finish(sum, weighted, y, inv);
-          const int64_t oh = st.oh0 + v * L.rows;
-          const int64_t out_rows = std::min<int64_t>(L.rows, st.oh1 - oh);
-          const LaneInts valid = out_lanes[out_rows - 1];
+          // where this vector's outputs lie
+          int64_t oh, col, rows = 1;
+          LaneInts valid;
+          if (P < kLanes) {
+            oh = st.oh0 + 2 * v, col = 0, rows = std::min<int64_t>(2, st.oh1 - oh);
+            valid = out_lanes[rows - 1];
+          } else {
+            oh = st.oh0 + v / RV, col = (v % RV) * kLanes;
+            valid = out_lanes[v % RV];
+          }
           const Lanes key = cpu_math::select(valid, Step::fallback_key(sum, weighted), splat(1.0f));
           if (Step::needs_window_max(key)) {
             // the windows far below the strip's max, each from its own max,
@@ -425,7 +485,7 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
             store(keys, key), store(ys, y), store(refs, ref), store(invs, inv);
             for (int l = 0; l < kLanes; ++l) {
               if (!(keys[l] < kTileMinWeightSum)) continue;
-              const int64_t woh = oh + l / P, wow = l % P;
+              const int64_t woh = oh + (P < kLanes ? l / P : 0), wow = col + (P < kLanes ? l % P : l);
               int64_t h0, h1, w0, w1;
               window_range<int64_t>(woh, 3, 2, 1, L.H, h0, h1);
               window_range<int64_t>(wow, 3, 2, 1, L.W, w0, w1);
@@ -438,14 +498,15 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
             }
             y = load(ys), ref = load(refs), inv = load(invs);
           }
-          const int64_t o = o_plane + oh * L.OW;
-          store_lanes(yp + o, y, L.OW, false);
-          store_lanes(mp + o, ref, L.OW, false);
-          store_lanes(ip + o, inv, L.OW, false);
-          if (out_rows == 2) {
-            store_lanes(yp + o + L.OW, __builtin_shuffle(y, upper), L.OW, false);
-            store_lanes(mp + o + L.OW, __builtin_shuffle(ref, upper), L.OW, false);
-            store_lanes(ip + o + L.OW, __builtin_shuffle(inv, upper), L.OW, false);
+          const int64_t o = o_plane + oh * L.OW + col;
+          const int64_t count = std::min<int64_t>(kLanes, L.OW - col);
+          store_lanes(yp + o, y, count);
+          store_lanes(mp + o, ref, count);
+          store_lanes(ip + o, inv, count);
+          if (rows == 2) {
+            store_lanes(yp + o + L.OW, __builtin_shuffle(y, upper), L.OW);
+            store_lanes(mp + o + L.OW, __builtin_shuffle(ref, upper), L.OW);
+            store_lanes(ip + o + L.OW, __builtin_shuffle(inv, upper), L.OW);
           }
         }
       }
