@@ -186,7 +186,7 @@ CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, ElementBytes e, Gather
   const std::string planes = forced_planes_kernel();
   if (planes == "rows" || planes == "blocks") return kernel;
   if (planes == "halving" ? halving_works(cg.g)
-                          : planes != "gather" && halving_by_default(cg.g, e.x == int64_t(sizeof(float)))) {
+                          : planes.empty() && halving_by_default(cg.g, e.x == int64_t(sizeof(float)))) {
     return CpuKernel::PlanesHalving;
   }
   const bool by_default = kernel == CpuKernel::PlanesRows ? gather_by_default(cg.g)
