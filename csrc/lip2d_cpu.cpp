@@ -25,10 +25,11 @@
 //   there as channels_last is, and transposed back; whole planes where they
 //   fit in a few hundred KiB, else bands of rows, so the scratch is bounded
 //   whatever the plane size.
-// - contiguous NCHW, "halving" (lip_cpu_planes_halving.h; backward only, kernel 3, stride 2,
-//   padding 1 on planes of even size under 2 kLanes wide): lanes along one
-//   stride phase of a plane laid out flat, two 7-wide phase rows a vector
-//   at 14 x 14; input rows split into phases by lane permutes in registers.
+// - contiguous NCHW, "halving" (lip_cpu_planes_halving.h; kernel 3, stride 2, padding 1 on
+//   even planes, by default in the AVX-512 build up to 64 wide): lanes
+//   along one stride phase of a plane laid out flat, two 7-wide phase rows
+//   a vector at 14 x 14; input rows split into phases by lane permutes in
+//   registers.
 // - contiguous NCHW, "gather" (lip_cpu_planes_gather.h; backward only, planes 56 to 512 wide that
 //   blocks does not take): lanes are kLanes inputs of a row as they lie in
 //   memory; each output row is spread under the input columns by lane
