@@ -180,16 +180,17 @@ ElementBytes element_bytes(const at::Tensor& x, const at::Tensor& logit) {
 
 // The backward's kernel: the halving one where it is the default (or where
 // LIP_CUDA_CPU_PLANES=halving asks for it) and it takes the geometry, else
-// the gather one likewise, else the forward's. Fills gc only then: its tables cost host time per column.
+// the gather one likewise, else the forward's. Fills gc only for gather:
+// its tables cost host time per column.
 CpuKernel cpu_backward_kernel_for(const CallGeometry& cg, ElementBytes e, GatherColumns& gc) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
-  const CpuKernel kernel = use_blocks(cg.g, false, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
   const std::string planes = forced_planes_kernel();
-  if (planes == "rows" || planes == "blocks") return kernel;
   if (planes == "halving" ? halving_works(cg.g)
                           : planes.empty() && halving_by_default(cg.g, e.x == int64_t(sizeof(float)))) {
     return CpuKernel::PlanesHalving;
   }
+  const CpuKernel kernel = use_blocks(cg.g, false, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;
+  if (planes == "rows" || planes == "blocks") return kernel;
   const bool by_default = kernel == CpuKernel::PlanesRows ? gather_by_default(cg.g)
                                                           : gather_before_blocks(cg.g, e.x == int64_t(sizeof(float)));
   if (planes != "gather" && !by_default) return kernel;

@@ -487,8 +487,8 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
               if (!(keys[l] < kTileMinWeightSum)) continue;
               const int64_t woh = oh + (P < kLanes ? l / P : 0), wow = col + (P < kLanes ? l % P : l);
               int64_t h0, h1, w0, w1;
-              window_range<int64_t>(woh, 3, 2, 1, L.H, h0, h1);
-              window_range<int64_t>(wow, 3, 2, 1, L.W, w0, w1);
+              window_range<int64_t>(woh, G.kH, G.sH, G.pH, G.H, h0, h1);
+              window_range<int64_t>(wow, G.kW, G.sW, G.pW, G.W, w0, w1);
               Lanes y_w, m_w, inv_w;
               window_softmax(
                   h0, h1, w0, w1, [&](int64_t h, int64_t w) { return splat(static_cast<float>(lq[h * L.W + w])); },
