@@ -6,8 +6,9 @@
 // least, so that the tap past a row's end reads an exact zero. Each input
 // row is split into its two column phases by lane permutes in registers,
 // and every (input, covering output) pair of a phase is a load at a fixed
-// offset. No transposes (the blocks kernels' cost) and no per-row
-// bookkeeping (the gather backward's).
+// offset, or with pitch kLanes / 2 a lane shift in registers (a vector
+// holds two output rows: no scratch at all). No transposes (the blocks
+// kernels' cost) and no per-row bookkeeping (the gather backward's).
 #pragma once
 
 #include "lip_cpu_tile.h"
@@ -115,45 +116,71 @@ struct PhaseMasks {
   }
 };
 
-// One phase vector's gradients over its covering outputs: taps at the
-// scratch offsets `offsets` (ascending (oh, ow) order), each a load of
-// reference, 1 / sum, grad and y. Taps that share the first's reference
+// One covering output's tap, as a phase vector sees it: the output's
+// reference, 1 / sum, grad and y in the vector's lanes.
+struct OutputTap {
+  Lanes ref, inv, grad, y;
+};
+
+// One phase vector's gradients over its covering outputs: tap_at(t) gives
+// tap t (ascending (oh, ow) order). Taps that share the first's reference
 // (all of a tile-form strip's) share its exp; a second reference (a strip
-// boundary, a window-max fallback) gets one exp for all taps that hold
-// it. The terms are grad_weight_tap's in the order of the other layouts:
+// boundary, a window-max fallback) gets one exp for all taps that hold it.
+// The terms are grad_weight_tap's in the order of the other layouts:
 // bitwise their gradients.
-template <bool Uniform, int Taps>
-[[gnu::always_inline]] inline void halving_taps(const float* ref, const float* inv, const float* go,
-                                                const float* y, const int64_t (&offsets)[Taps], Lanes x,
-                                                Lanes l, Lanes& dx, Lanes& dl) {
+template <bool Uniform, int Taps, typename TapAt>
+[[gnu::always_inline]] inline void halving_taps(const TapAt& tap_at, Lanes x, Lanes l, Lanes& dx, Lanes& dl) {
   dx = splat(0.0f);
   dl = splat(0.0f);
-  const Lanes r0 = load_full(ref + offsets[0]);
+  const Lanes r0 = tap_at(0).ref;
   const Lanes e0 = Step::tap_weight(l, r0);
   Lanes r_other = r0, e_other = e0;
   LIP_UNROLL
   for (int t = 0; t < Taps; ++t) {
-    const int64_t o = offsets[t];
+    const OutputTap o = tap_at(t);
     Lanes e = e0;
     if (!Uniform && t > 0) {
-      const Lanes r = load_full(ref + o);
-      if (!cpu_math::all_set(r == r0)) {
-        // (the lanes where r is r0 get e0's bits again: exp is lane-wise)
-        if (!cpu_math::all_set(r == r_other)) {
-          r_other = r;
-          e_other = Step::tap_weight(l, r);
+      if (!cpu_math::all_set(o.ref == r0)) {
+        // (the lanes where ref is r0 get e0's bits again: exp is lane-wise)
+        if (!cpu_math::all_set(o.ref == r_other)) {
+          r_other = o.ref;
+          e_other = Step::tap_weight(l, o.ref);
         }
         e = e_other;
       }
     }
-    Step::grad_weight_tap(e, x, load_full(go + o), load_full(y + o), load_full(inv + o), dx, dl);
+    Step::grad_weight_tap(e, x, o.grad, o.y, o.inv, dx, dl);
   }
 }
+
+// The taps at scratch offsets `offsets` of flat output arrays.
+template <int Taps>
+struct ScratchTaps {
+  const float *ref, *inv, *grad, *y;
+  const int64_t (&offsets)[Taps];
+  [[gnu::always_inline]] OutputTap operator()(int t) const {
+    const int64_t o = offsets[t];
+    return {load_full(ref + o), load_full(inv + o), load_full(grad + o), load_full(y + o)};
+  }
+};
+
+// The taps of a vector holding two output rows (pitch kLanes / 2) at
+// offsets 0, 1, P and P + 1: lane shifts of its pair and the next,
+// computed once for the pair's four phase vectors.
+template <int Taps>
+struct PairTaps {
+  const OutputTap* shifted;  // [0]: the pair itself; [1], [2], [3]: by 1, P, P + 1
+  const int (&which)[Taps];
+  [[gnu::always_inline]] OutputTap operator()(int t) const { return shifted[which[t]]; }
+};
 
 // How many planes ahead a task fetches (float32, 2 threads, inputs out of
 // cache, ms, backward: 2 x 512 x 28 x 28 0.86 with no software prefetch,
 // 0.65 two planes ahead through a PrefetchQueue, 0.94 with each plane's
-// lines fetched in one burst; 14 x 14 planes alike within 5%).
+// lines fetched in one burst). Planes with two output rows a vector fetch
+// nothing: their whole plane is a few lines per stream, which the hardware
+// prefetchers follow (2 x 512 x 14 x 14: 0.222 ms with the queue, 0.183
+// without; 2 x 1024 x 14 x 14: 0.405 and 0.325).
 constexpr int64_t kHalvingAheadPlanes = 2;
 
 // Backward on the halving layout. A task is a run of whole planes; each
@@ -196,7 +223,23 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
       }
     }
     const PhaseMasks masks;
+    const int tap_p1[1] = {0}, tap_p2c[2] = {0, 1}, tap_p2r[2] = {0, 2}, tap_p4[4] = {0, 1, 2, 3};
     const int64_t tap1[1] = {0}, tap2c[2] = {0, 1}, tap2r[2] = {0, P}, tap4[4] = {0, 1, P, P + 1};
+    // pitch kLanes / 2: lane maps from two output rows as they lie (OW
+    // each, one run of memory) to the pitch. The reference repeats the
+    // row's last column past its end; the others read lane kLanes - 1 there,
+    // which is 0 (at most 2 OW < kLanes lanes are loaded). And the shifts
+    // of a pair and the next by 1, P and P + 1 places.
+    LaneInts ref_two, ref_one, zero_two, zero_one, shift[3];
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t half = kLanes / 2, row = l / half, col = l % half;
+      const int32_t ow = static_cast<int32_t>(std::min<int64_t>(L.OW, half));
+      ref_two[l] = row * ow + std::min(col, ow - 1);
+      ref_one[l] = std::min(col, ow - 1);
+      zero_two[l] = col < ow ? row * ow + col : kLanes - 1;
+      zero_one[l] = row == 0 && col < ow ? col : kLanes - 1;
+      shift[0][l] = l + 1, shift[1][l] = l + half, shift[2][l] = l + half + 1;
+    }
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
       const int64_t o_plane = plane * plane_out;
@@ -205,7 +248,7 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
       // prefetchers
       PrefetchQueue next;
       const int64_t ahead = plane + kHalvingAheadPlanes;
-      if (ahead < end) {
+      if (P >= kLanes && ahead < end) {
         const int64_t an = ahead / C, ac = ahead % C, ao = ahead * plane_out;
         next.add(xp + ahead * plane_in, plane_in * int64_t(sizeof(x_t)));
         next.add(lp + an * lstr.n + ac * lstr.c, plane_in * int64_t(sizeof(l_t)));
@@ -219,6 +262,78 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
         }
       }
       const int lines_per_vector = static_cast<int>((next.lines_left() + 2 * L.vectors - 1) / (2 * L.vectors));
+      const x_t* xq = xp + plane * plane_in;
+      const l_t* lq = lp + n * lstr.n + c * lstr.c;
+      x_t* gxq = gxp + plane * plane_in;
+      l_t* glq = glp + plane * plane_in;
+      if (P < kLanes) {
+        // two output rows a vector: no scratch. A pair is loaded as it lies
+        // and spread to the pitch; the taps at 1, P and P + 1 are lane
+        // shifts of it and the next pair. The same lanes as the scratch
+        // below holds (rows past the last repeat its reference).
+        const auto pair = [&](int64_t r0) __attribute__((always_inline)) {
+          OutputTap v;
+          const int64_t base = std::min(r0, L.OH - 1);
+          const bool both = r0 + 1 < L.OH;
+          const int64_t o = o_plane + base * L.OW, count = (both ? 2 : 1) * L.OW;
+          v.ref = __builtin_shuffle(load_lanes(mp + o, count), both ? ref_two : ref_one);
+          if (r0 < L.OH) {
+            const LaneInts z = both ? zero_two : zero_one;
+            v.inv = __builtin_shuffle(load_lanes(ip + o, count), z);
+            v.grad = __builtin_shuffle(load_lanes(gp + o, count), z);
+            v.y = __builtin_shuffle(load_lanes(yp + o, count), z);
+          } else {
+            v.inv = v.grad = v.y = splat(0.0f);
+          }
+          return v;
+        };
+        OutputTap following = pair(0);
+        for (int64_t k = 0; k < L.vectors; ++k) {
+          OutputTap taps[4];
+          taps[0] = following;
+          following = pair(2 * k + 2);
+          for (int i = 0; i < 3; ++i) {
+            taps[i + 1] = {__builtin_shuffle(taps[0].ref, following.ref, shift[i]),
+                           __builtin_shuffle(taps[0].inv, following.inv, shift[i]),
+                           __builtin_shuffle(taps[0].grad, following.grad, shift[i]),
+                           __builtin_shuffle(taps[0].y, following.y, shift[i])};
+          }
+          const Lanes first_ref = __builtin_shuffle(taps[0].ref, LaneInts{});
+          const bool uniform = cpu_math::all_set((taps[0].ref == first_ref) & (taps[1].ref == first_ref) &
+                                                 (taps[2].ref == first_ref) & (taps[3].ref == first_ref));
+          for (int64_t ph = 0; ph < 2; ++ph) {
+            int64_t a_at, a_count, b_at, b_count;
+            L.halves(ph, k, a_at, a_count, b_at, b_count);
+            Lanes xe, xo, le, lo;
+            masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
+            masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
+            Lanes dxe, dle, dxo, dlo;
+            const auto phases = [&](auto uniform_tag) {
+              constexpr bool U = decltype(uniform_tag)::value;
+              if (ph == 0) {
+                halving_taps<U, 1>(PairTaps<1>{taps, tap_p1}, xe, le, dxe, dle);
+                halving_taps<U, 2>(PairTaps<2>{taps, tap_p2c}, xo, lo, dxo, dlo);
+              } else {
+                halving_taps<U, 2>(PairTaps<2>{taps, tap_p2r}, xe, le, dxe, dle);
+                halving_taps<U, 4>(PairTaps<4>{taps, tap_p4}, xo, lo, dxo, dlo);
+              }
+            };
+            if (uniform) {
+              phases(std::true_type());
+            } else {
+              phases(std::false_type());
+            }
+            Lanes a, b;
+            masks.merge(dxe, dxo, a, b);
+            store_lanes(gxq + a_at, a, a_count, streamed);
+            if (b_count > 0) store_lanes(gxq + b_at, b, b_count, streamed);
+            masks.merge(dle, dlo, a, b);
+            store_lanes(glq + a_at, a, a_count, streamed);
+            if (b_count > 0) store_lanes(glq + b_at, b, b_count, streamed);
+          }
+        }
+        continue;
+      }
       Lanes last_ref[kHalvingMaxPitch / kLanes];
       for (int64_t oh = 0; oh < L.OH; ++oh) {
         const int64_t o = o_plane + oh * L.OW;
@@ -242,10 +357,6 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           store_full(s_y + at, splat(0.0f));
         }
       }
-      const x_t* xq = xp + plane * plane_in;
-      const l_t* lq = lp + n * lstr.n + c * lstr.c;
-      x_t* gxq = gxp + plane * plane_in;
-      l_t* glq = glp + plane * plane_in;
       for (int64_t ph = 0; ph < 2; ++ph) {
         for (int64_t k = 0; k < L.vectors; ++k) {
           int64_t a_at, a_count, b_at, b_count;
@@ -266,11 +377,11 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           const auto phases = [&](auto uniform_tag) {
             constexpr bool U = decltype(uniform_tag)::value;
             if (ph == 0) {
-              halving_taps<U>(r, iv, go, yo, tap1, xe, le, dxe, dle);
-              halving_taps<U>(r, iv, go, yo, tap2c, xo, lo, dxo, dlo);
+              halving_taps<U, 1>(ScratchTaps<1>{r, iv, go, yo, tap1}, xe, le, dxe, dle);
+              halving_taps<U, 2>(ScratchTaps<2>{r, iv, go, yo, tap2c}, xo, lo, dxo, dlo);
             } else {
-              halving_taps<U>(r, iv, go, yo, tap2r, xe, le, dxe, dle);
-              halving_taps<U>(r, iv, go, yo, tap4, xo, lo, dxo, dlo);
+              halving_taps<U, 2>(ScratchTaps<2>{r, iv, go, yo, tap2r}, xe, le, dxe, dle);
+              halving_taps<U, 4>(ScratchTaps<4>{r, iv, go, yo, tap4}, xo, lo, dxo, dlo);
             }
           };
           if (uniform) {
@@ -305,14 +416,12 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
 // the pitch) then sums its nine taps as loads at fixed offsets, in the
 // row-major order of the other layouts; a padding tap adds an exact +0 (a
 // weight sum is never -0), so y and the statistics are bitwise theirs.
-
-// The lane permute that puts a row of at most kLanes - 2 columns into
-// [even | odd] halves (pitch kLanes / 2).
-inline LaneInts row_halves_mask() {
-  LaneInts mask;
-  for (int l = 0; l < kLanes; ++l) mask[l] = l < kLanes / 2 ? 2 * l : 2 * (l - kLanes / 2) + 1;
-  return mask;
-}
+// With pitch kLanes / 2 the same taps come from registers: a vector's five
+// input rows are weighed there, and each pair of them (rows h - 1 and
+// h + 1, h and h + 2, h + 1 and h + 3) gives a tap row's three column taps
+// by one two-source lane permute each (2 x 512 x 14 x 14, float32, 2
+// threads, out of cache: 0.129 ms against 0.143 through the phase arrays;
+// 2 x 1024 x 14 x 14: 0.235 against 0.271).
 
 // The upper half of a vector in its lower half (the second output row of a
 // vector with pitch kLanes / 2).
@@ -326,6 +435,8 @@ inline LaneInts upper_half_mask() {
 // place), a strip's phase rows (kStripRows + 1) and one more for the last
 // vector's reads past them
 constexpr int64_t kHalvingLead = kLanes;
+// (with pitch kLanes / 2 a vector's two output rows lie in one strip)
+static_assert(kStripRows % 2 == 0, "strips of whole output row pairs");
 constexpr int64_t kHalvingPhaseFloats = kHalvingLead + (kStripRows + 2) * kHalvingMaxPitch + kLanes;
 
 template <typename x_t, typename l_t>
@@ -354,7 +465,7 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
     std::memset(e_phase, 0, sizeof(e_phase));
     std::memset(ex_phase, 0, sizeof(ex_phase));
     const PhaseMasks masks;
-    const LaneInts halves = row_halves_mask(), upper = upper_half_mask();
+    const LaneInts upper = upper_half_mask();
     // per input vector i of a row: its lanes inside the row, and their count
     LaneInts in_lanes[2 * kHalvingMaxPitch / kLanes];
     int64_t in_count[2 * kHalvingMaxPitch / kLanes];
@@ -384,6 +495,28 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
     const auto phase = [&](float (&a)[2][2][kHalvingPhaseFloats], int rph, int cph) {
       return &a[rph][cph][kHalvingLead];
     };
+    // pitch kLanes / 2: the lanes of two input rows (a, b) that a vector of
+    // outputs takes as its left, middle and right column taps; the left
+    // tap of column 0 reads lane kLanes - 1 of its row, which holds 0
+    LaneInts column_tap[3];
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t half = kLanes / 2, row = (l / half) * kLanes, col = l % half;
+      column_tap[0][l] = row + (col == 0 ? kLanes - 1 : 2 * col - 1);
+      column_tap[1][l] = row + 2 * col;
+      column_tap[2][l] = row + 2 * col + 1;
+    }
+    // a row's weights and weighted terms against the strip's reference; 0
+    // outside the strip's input rows and past the row's end
+    const auto weigh_row = [&](const x_t* xq, const l_t* lq, const Strip& st, Lanes reference, int64_t h, Lanes& e,
+                               Lanes& ex) __attribute__((always_inline)) {
+      if (h < st.h0 || h >= st.h1) {
+        e = ex = splat(0.0f);
+        return;
+      }
+      const int64_t at = h * L.W;
+      const Lanes l = cpu_math::select(in_lanes[0], load_lanes(lq + at, in_count[0]), splat(-inf));
+      Step::tile_weight(l, load_lanes(xq + at, in_count[0]), reference, e, ex);
+    };
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
       const x_t* xq = xp + plane * plane_in;
@@ -406,34 +539,27 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
         // all lanes to the max of all (max is exact: any order gives it)
         for (int i = 0; i < kRotations; ++i) Step::max_tap(m, __builtin_shuffle(m, rotate[i]));
         const Lanes reference = Step::reference_max(m);
-        // odd phase row r holds input row 2 (oh0 + r) - 1, even row r input
-        // row 2 (oh0 + r); the padding row above the plane weighs 0
-        if (st.oh0 == 0) {
-          for (int pw = 0; pw < 2; ++pw) {
-            for (int64_t j = 0; j < std::max<int64_t>(1, RV); ++j) {
-              store_full(phase(e_phase, 1, pw) + j * kLanes, splat(0.0f));
-              store_full(phase(ex_phase, 1, pw) + j * kLanes, splat(0.0f));
+        // pitch kLanes / 2 weighs its rows in registers, below
+        const bool paired = P < kLanes;
+        if (!paired) {
+          // odd phase row r holds input row 2 (oh0 + r) - 1, even row r
+          // input row 2 (oh0 + r); the padding row above the plane weighs 0
+          if (st.oh0 == 0) {
+            for (int pw = 0; pw < 2; ++pw) {
+              for (int64_t j = 0; j < RV; ++j) {
+                store_full(phase(e_phase, 1, pw) + j * kLanes, splat(0.0f));
+                store_full(phase(ex_phase, 1, pw) + j * kLanes, splat(0.0f));
+              }
             }
           }
-        }
-        for (int64_t h = st.h0; h < st.h1; ++h) {
-          const int64_t ph = h & 1, r = (h + ph) / 2 - st.oh0;
-          // the row's weights, 0 past its end (logit -inf there)
-          const auto weigh = [&](int64_t i, Lanes& e, Lanes& ex) __attribute__((always_inline)) {
-            const int64_t at = h * L.W + i * kLanes;
-            const Lanes l = cpu_math::select(in_lanes[i], load_lanes(lq + at, in_count[i]), splat(-inf));
-            Step::tile_weight(l, load_lanes(xq + at, in_count[i]), reference, e, ex);
-          };
-          if (P < kLanes) {
-            Lanes e, ex;
-            weigh(0, e, ex);
-            // [even | odd] in one vector; each half to its phase row
-            const Lanes e2 = __builtin_shuffle(e, halves), ex2 = __builtin_shuffle(ex, halves);
-            store_lanes(phase(e_phase, ph, 0) + r * P, e2, P);
-            store_lanes(phase(e_phase, ph, 1) + r * P, __builtin_shuffle(e2, upper), P);
-            store_lanes(phase(ex_phase, ph, 0) + r * P, ex2, P);
-            store_lanes(phase(ex_phase, ph, 1) + r * P, __builtin_shuffle(ex2, upper), P);
-          } else {
+          for (int64_t h = st.h0; h < st.h1; ++h) {
+            const int64_t ph = h & 1, r = (h + ph) / 2 - st.oh0;
+            // the row's weights, 0 past its end (logit -inf there)
+            const auto weigh = [&](int64_t i, Lanes& e, Lanes& ex) __attribute__((always_inline)) {
+              const int64_t at = h * L.W + i * kLanes;
+              const Lanes l = cpu_math::select(in_lanes[i], load_lanes(lq + at, in_count[i]), splat(-inf));
+              Step::tile_weight(l, load_lanes(xq + at, in_count[i]), reference, e, ex);
+            };
             for (int64_t j = 0; j < RV; ++j) {
               Lanes ea, exa, eb, exb, even, odd;
               weigh(2 * j, ea, exa);
@@ -450,20 +576,43 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
         }
         // output vectors: the strip's outputs flat at the pitch
         const int64_t vectors = ((st.oh1 - st.oh0) * P + kLanes - 1) / kLanes;
+        Lanes carry_e, carry_ex;
         for (int64_t v = 0; v < vectors; ++v) {
           const int64_t at = v * kLanes;
           Lanes sum = splat(0.0f), weighted = splat(0.0f);
-          const auto tap = [&](int rph, int64_t dr, int cph, int64_t dc) __attribute__((always_inline)) {
-            const int64_t o = at + dr * P + dc;
-            Step::add_weight(load_full(phase(e_phase, rph, cph) + o), load_full(phase(ex_phase, rph, cph) + o),
-                             sum, weighted);
-          };
-          // kh 0: the odd row above; kh 1: the even row; kh 2: the odd row
-          // below. kw 0: the odd column left; kw 1: the even one; kw 2: the
-          // odd one right.
-          tap(1, 0, 1, -1), tap(1, 0, 0, 0), tap(1, 0, 1, 0);
-          tap(0, 0, 1, -1), tap(0, 0, 0, 0), tap(0, 0, 1, 0);
-          tap(1, 1, 1, -1), tap(1, 1, 0, 0), tap(1, 1, 1, 0);
+          if (paired) {
+            // two output rows a vector: the input rows (h - 1 .. h + 3) of
+            // its windows weighed in registers (row h + 3 is the next
+            // vector's h - 1), each pair of the vector's rows split into its
+            // column phases by lane permutes, the left odd one shifted by a
+            // lane (lane kLanes - 1 of a row holds 0: W <= kLanes - 2)
+            const int64_t h = 2 * (st.oh0 + 2 * v);
+            Lanes e[5], ex[5];
+            if (v == 0) weigh_row(xq, lq, st, reference, h - 1, e[0], ex[0]);
+            else e[0] = carry_e, ex[0] = carry_ex;
+            for (int i = 1; i < 5; ++i) weigh_row(xq, lq, st, reference, h - 1 + i, e[i], ex[i]);
+            carry_e = e[4], carry_ex = ex[4];
+            // kh 0: rows (h - 1, h + 1); kh 1: (h, h + 2); kh 2: (h + 1, h + 3)
+            for (int kh = 0; kh < 3; ++kh) {
+              const Lanes ea = e[kh], eb = e[kh + 2], exa = ex[kh], exb = ex[kh + 2];
+              for (int kw = 0; kw < 3; ++kw) {
+                Step::add_weight(__builtin_shuffle(ea, eb, column_tap[kw]), __builtin_shuffle(exa, exb, column_tap[kw]),
+                                 sum, weighted);
+              }
+            }
+          } else {
+            const auto tap = [&](int rph, int64_t dr, int cph, int64_t dc) __attribute__((always_inline)) {
+              const int64_t o = at + dr * P + dc;
+              Step::add_weight(load_full(phase(e_phase, rph, cph) + o), load_full(phase(ex_phase, rph, cph) + o),
+                               sum, weighted);
+            };
+            // kh 0: the odd row above; kh 1: the even row; kh 2: the odd row
+            // below. kw 0: the odd column left; kw 1: the even one; kw 2: the
+            // odd one right.
+            tap(1, 0, 1, -1), tap(1, 0, 0, 0), tap(1, 0, 1, 0);
+            tap(0, 0, 1, -1), tap(0, 0, 0, 0), tap(0, 0, 1, 0);
+            tap(1, 1, 1, -1), tap(1, 1, 0, 0), tap(1, 1, 1, 0);
+          }
           Lanes y, inv, ref = reference;
           Step::finish(sum, weighted, y, inv);
           // where this vector's outputs lie
