@@ -168,7 +168,7 @@ CpuKernel cpu_kernel_for(const CallGeometry& cg, ElementBytes e) {
   if (cg.channels_last) return CpuKernel::ChannelsLast;
   const std::string planes = forced_planes_kernel();
   if (planes == "halving" ? halving_works(cg.g)
-                          : planes.empty() && halving_forward_by_default(cg.g)) {
+                          : planes.empty() && halving_by_default(cg.g, e.x == int64_t(sizeof(float)))) {
     return CpuKernel::PlanesHalving;
   }
   return use_blocks(cg.g, true, e) ? CpuKernel::PlanesBlocks : CpuKernel::PlanesRows;

@@ -34,10 +34,10 @@ inline bool halving_works(const LipGeometry& g) {
          g.H <= kHalvingMaxHeight;
 }
 
-// Where the halving kernels are the default: in the AVX-512 build, on
-// planes up to 64 wide; the backward for float32 x, and for 16-bit x where
-// the phase rows fill a vector (28 wide and more). Measured on the Zen 4
-// VM (2 threads, inputs out of cache, calls through autograd in one
+// Where the halving kernels are the default, both directions: in the
+// AVX-512 build, on planes up to 64 wide; for float32 x, and for 16-bit x
+// where the phase rows fill a vector (28 wide and more). Measured on the
+// Zen 4 VM (2 threads, inputs out of cache, calls through autograd in one
 // process round by round, batch 2, ms, channels_last / halving / the
 // kernel otherwise taken):
 //   float32 backward: 512x14x14 0.146 / 0.193 / 0.227, 1024x14x14 0.273 /
@@ -46,23 +46,23 @@ inline bool halving_works(const LipGeometry& g) {
 //   float32 forward: 512x14x14 0.129 / 0.154 / 0.189, 1024x14x14 0.211 /
 //   0.235 / 0.301, 512x28x28 0.378 / 0.362 / 0.477, 128x56x56 0.400 /
 //   0.366 / 0.485, 256x56x56 0.757 / 0.699 / 0.949;
-//   bfloat16: forward 128x56x56 0.301 / 0.333 / 0.392, 512x14x14 0.084 /
-//   0.120 / 0.115; backward 128x56x56 0.431 / 0.607 / 0.760, 256x28x28
-//   0.221 / 0.296 / 0.338, but 512x14x14 0.130 / 0.212 / 0.204 and
-//   1024x14x14 0.227 / 0.394 / 0.375.
-// At 64x112x112 float32 both directions were slower than the kernels
-// otherwise taken (forward 1.025 against 0.983, backward 1.716 against
-// 1.416), so wider planes keep them. The AVX2 build (8 lanes) was slower
-// than blocks at 14 x 14 (float32 backward 0.279 against 0.240, bfloat16
-// forward 0.307 against 0.168) and keeps them too.
+//   bfloat16: forward 128x56x56 0.301 / 0.333 / 0.392; backward 128x56x56
+//   0.431 / 0.607 / 0.760, 256x28x28 0.221 / 0.296 / 0.338.
+// At 14 x 14 with 16-bit x blocks stays the default: the backward was
+// even with it (512x14x14 0.212 against 0.204 through the phase scratch,
+// 0.194 against 0.196 with two output rows a vector in registers), and the
+// forward with two rows a vector was 6-13% slower than blocks in 6 of 7
+// alternating runs, 3% faster in the other (512x14x14 0.164 against
+// 0.150, 1024x14x14 0.245 against 0.216). At 64x112x112 float32 both directions were slower than
+// the kernels otherwise taken (forward 1.025 against 0.983, backward 1.716
+// against 1.416), so wider planes keep them. The AVX2 build (8 lanes) was
+// slower than blocks at 14 x 14 (float32 backward 0.279 against 0.240,
+// bfloat16 forward 0.307 against 0.168) and keeps them too.
 constexpr int64_t kHalvingDefaultMaxWidth = 64;
 
-inline bool halving_forward_by_default(const LipGeometry& g) {
-  return LIP_CPU_ISA >= 2 && halving_works(g) && g.W <= kHalvingDefaultMaxWidth;
-}
-
 inline bool halving_by_default(const LipGeometry& g, bool float32_x) {
-  return halving_forward_by_default(g) && (float32_x || g.OW >= kLanes / 2);
+  return LIP_CPU_ISA >= 2 && halving_works(g) && g.W <= kHalvingDefaultMaxWidth &&
+         (float32_x || g.OW >= kLanes / 2);
 }
 
 // A plane's flat phase layout: phase row r of phase (ph, pw) holds the

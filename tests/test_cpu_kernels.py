@@ -83,6 +83,7 @@ PLANES = [
     ((1, 1, 9, 200), (3, 7), (2, 4), (1, 3), True, "rows"),  # stride 4 with padding 3
     ((2, 40, 12, 11), 3, 2, 1, False, "blocks"),           # small planes, many channels
     ((2, 40, 12, 12), 3, 2, 1, False, "halving"),          # k3 s2 p1 on an even plane (AVX-512)
+    ((2, 40, 12, 30), 3, 2, 1, False, "halving"),          # (16-bit x too: 15 outputs a row)
     ((1, 24, 9, 13), (2, 3), (2, 3), (1, 1), True, "blocks"),
 ]
 
@@ -99,8 +100,8 @@ def test_planes_match_oracle(case, layout, dtype, seed):
     want = oracle_with_grads(x, logit, grad_out, k, s, p, ceil)
     assert_matches_oracle(got, want, dtype)
     # one channel: channels_last is also contiguous, and runs as such
-    if path == "halving" and not kernel.startswith("cpu_avx512"):
-        path = "blocks"  # the halving kernels' default is the AVX-512 build's
+    if path == "halving" and (not kernel.startswith("cpu_avx512") or (dtype.itemsize == 2 and shape[3] < 16)):
+        path = "blocks"  # the halving kernels' default is the AVX-512 build's, 16-bit x from 8 outputs a row
     expected = f"planes_{path}" if x.is_contiguous() else "channels_last"
     assert kernel.startswith("cpu_") and kernel.endswith(expected), kernel
 
@@ -570,29 +571,32 @@ def test_default_backward_kernels(shape, dtype, avx2_kernel, avx512_kernel, monk
     assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), dtype)
 
 
-@pytest.mark.parametrize("shape,avx2_kernel,kernel", [
-    ((2, 64, 112, 112), "planes_blocks", "planes_blocks"),  # blocks in bands of rows
-    ((1, 16, 160, 160), "planes_blocks", "planes_rows"),    # a tie of lane fill
-    ((2, 64, 28, 28), "planes_blocks", "planes_halving"),
-    ((2, 64, 14, 14), "planes_blocks", "planes_halving"),
-    ((2, 64, 28, 27), "planes_blocks", "planes_blocks"),    # odd width: no halving
-    ((1, 2, 40, 1100), "planes_rows", "planes_rows"),
-    ((1, 8, 9, 30000), "planes_rows", "planes_rows"),     # one band's scratch too big for blocks
+@pytest.mark.parametrize("shape,dtype,avx2_kernel,kernel", [
+    ((2, 64, 112, 112), torch.float32, "planes_blocks", "planes_blocks"),  # blocks in bands of rows
+    ((1, 16, 160, 160), torch.float32, "planes_blocks", "planes_rows"),    # a tie of lane fill
+    ((2, 64, 28, 28), torch.float32, "planes_blocks", "planes_halving"),
+    ((2, 64, 28, 28), torch.bfloat16, "planes_blocks", "planes_halving"),
+    ((2, 64, 14, 14), torch.float32, "planes_blocks", "planes_halving"),
+    ((2, 64, 14, 14), torch.bfloat16, "planes_blocks", "planes_blocks"),
+    ((2, 64, 28, 27), torch.float32, "planes_blocks", "planes_blocks"),    # odd width: no halving
+    ((1, 2, 40, 1100), torch.float32, "planes_rows", "planes_rows"),
+    ((1, 8, 9, 30000), torch.float32, "planes_rows", "planes_rows"),     # one band's scratch too big for blocks
 ], ids=str)
-def test_default_forward_kernels(shape, avx2_kernel, kernel, monkeypatch, seed):
+def test_default_forward_kernels(shape, dtype, avx2_kernel, kernel, monkeypatch, seed):
     """Which contiguous forward runs by default: blocks for planes with
     many channels (bigger planes in bands of rows, unless one band's scratch
     would exceed its bound); on a tie of lane fill with rows, blocks in the
     AVX2 build and rows in the AVX-512 one; in the AVX-512 build, the
     halving kernel for kernel 3, stride 2, padding 1 on even planes up to
-    64 wide (docs/kernels.md has the measurements)."""
+    64 wide (float32 x; 16-bit x from 28 wide, as the backward)
+    (docs/kernels.md has the measurements)."""
     monkeypatch.delenv("LIP_CUDA_CPU_PLANES", raising=False)
-    x, logit = random_inputs(shape, torch.float32, "contiguous")
-    grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape)
+    x, logit = random_inputs(shape, dtype, "contiguous")
+    grad_out = torch.randn(torch.nn.functional.avg_pool2d(x, 3, 2, 1).shape, dtype=dtype)
     got, name = fused_with_grads(x, logit, grad_out, 3, 2, 1, False)
     if not name.startswith("cpu_default_"):  # (the baseline build: 4 lanes)
         assert name.endswith(avx2_kernel if name.startswith("cpu_avx2_") else kernel), name
-    assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), torch.float32)
+    assert_matches_oracle(got, oracle_with_grads(x, logit, grad_out, 3, 2, 1, False), dtype)
 
 
 CPU_LAYOUTS = [("contiguous", "rows"), ("contiguous", "blocks"), ("channels_last", None)]
