@@ -156,6 +156,7 @@ template <bool Uniform, int Taps, typename TapAt>
 // The taps at scratch offsets `offsets` of flat output arrays.
 template <int Taps>
 struct ScratchTaps {
+  static constexpr int kTaps = Taps;
   const float *ref, *inv, *grad, *y;
   const int64_t (&offsets)[Taps];
   [[gnu::always_inline]] OutputTap operator()(int t) const {
@@ -169,6 +170,7 @@ struct ScratchTaps {
 // computed once for the pair's four phase vectors.
 template <int Taps>
 struct PairTaps {
+  static constexpr int kTaps = Taps;
   const OutputTap* shifted;  // [0]: the pair itself; [1], [2], [3]: by 1, P, P + 1
   const int (&which)[Taps];
   [[gnu::always_inline]] OutputTap operator()(int t) const { return shifted[which[t]]; }
@@ -266,6 +268,35 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
       const l_t* lq = lp + n * lstr.n + c * lstr.c;
       x_t* gxq = gxp + plane * plane_in;
       l_t* glq = glp + plane * plane_in;
+      // Phase vector k of row phase ph, split into even and odd columns:
+      // their gradients over the taps of even_taps and odd_taps (accessors
+      // as halving_taps takes them), merged back into rows and stored.
+      const auto phase_gradients = [&](int64_t ph, int64_t k, bool uniform, const auto& even_taps,
+                                       const auto& odd_taps) __attribute__((always_inline)) {
+        int64_t a_at, a_count, b_at, b_count;
+        L.halves(ph, k, a_at, a_count, b_at, b_count);
+        next.step(lines_per_vector);  // (nothing queued with two output rows a vector)
+        Lanes xe, xo, le, lo;
+        masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
+        masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
+        constexpr int kEven = std::decay_t<decltype(even_taps)>::kTaps;
+        constexpr int kOdd = std::decay_t<decltype(odd_taps)>::kTaps;
+        Lanes dxe, dle, dxo, dlo;
+        if (uniform) {
+          halving_taps<true, kEven>(even_taps, xe, le, dxe, dle);
+          halving_taps<true, kOdd>(odd_taps, xo, lo, dxo, dlo);
+        } else {
+          halving_taps<false, kEven>(even_taps, xe, le, dxe, dle);
+          halving_taps<false, kOdd>(odd_taps, xo, lo, dxo, dlo);
+        }
+        Lanes a, b;
+        masks.merge(dxe, dxo, a, b);
+        store_lanes(gxq + a_at, a, a_count, streamed);
+        if (b_count > 0) store_lanes(gxq + b_at, b, b_count, streamed);
+        masks.merge(dle, dlo, a, b);
+        store_lanes(glq + a_at, a, a_count, streamed);
+        if (b_count > 0) store_lanes(glq + b_at, b, b_count, streamed);
+      };
       if (P < kLanes) {
         // two output rows a vector: no scratch. A pair is loaded as it lies
         // and spread to the pitch; the taps at 1, P and P + 1 are lane
@@ -301,36 +332,8 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           const Lanes first_ref = __builtin_shuffle(taps[0].ref, LaneInts{});
           const bool uniform = cpu_math::all_set((taps[0].ref == first_ref) & (taps[1].ref == first_ref) &
                                                  (taps[2].ref == first_ref) & (taps[3].ref == first_ref));
-          for (int64_t ph = 0; ph < 2; ++ph) {
-            int64_t a_at, a_count, b_at, b_count;
-            L.halves(ph, k, a_at, a_count, b_at, b_count);
-            Lanes xe, xo, le, lo;
-            masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
-            masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
-            Lanes dxe, dle, dxo, dlo;
-            const auto phases = [&](auto uniform_tag) {
-              constexpr bool U = decltype(uniform_tag)::value;
-              if (ph == 0) {
-                halving_taps<U, 1>(PairTaps<1>{taps, tap_p1}, xe, le, dxe, dle);
-                halving_taps<U, 2>(PairTaps<2>{taps, tap_p2c}, xo, lo, dxo, dlo);
-              } else {
-                halving_taps<U, 2>(PairTaps<2>{taps, tap_p2r}, xe, le, dxe, dle);
-                halving_taps<U, 4>(PairTaps<4>{taps, tap_p4}, xo, lo, dxo, dlo);
-              }
-            };
-            if (uniform) {
-              phases(std::true_type());
-            } else {
-              phases(std::false_type());
-            }
-            Lanes a, b;
-            masks.merge(dxe, dxo, a, b);
-            store_lanes(gxq + a_at, a, a_count, streamed);
-            if (b_count > 0) store_lanes(gxq + b_at, b, b_count, streamed);
-            masks.merge(dle, dlo, a, b);
-            store_lanes(glq + a_at, a, a_count, streamed);
-            if (b_count > 0) store_lanes(glq + b_at, b, b_count, streamed);
-          }
+          phase_gradients(0, k, uniform, PairTaps<1>{taps, tap_p1}, PairTaps<2>{taps, tap_p2c});
+          phase_gradients(1, k, uniform, PairTaps<2>{taps, tap_p2r}, PairTaps<4>{taps, tap_p4});
         }
         continue;
       }
@@ -359,12 +362,6 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
       }
       for (int64_t ph = 0; ph < 2; ++ph) {
         for (int64_t k = 0; k < L.vectors; ++k) {
-          int64_t a_at, a_count, b_at, b_count;
-          L.halves(ph, k, a_at, a_count, b_at, b_count);
-          next.step(lines_per_vector);
-          Lanes xe, xo, le, lo;
-          masks.split(load_lanes(xq + a_at, a_count), load_lanes(xq + b_at, b_count), xe, xo);
-          masks.split(load_lanes(lq + a_at, a_count), load_lanes(lq + b_at, b_count), le, lo);
           const int64_t at = k * kLanes;
           const float *r = s_ref + at, *iv = s_inv + at, *go = s_g + at, *yo = s_y + at;
           // whether all the taps' references are one (a tile-form strip's):
@@ -373,29 +370,11 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
           const bool uniform = cpu_math::all_set((load_full(r) == first_ref) & (load_full(r + 1) == first_ref) &
                                                  (load_full(r + P) == first_ref) &
                                                  (load_full(r + P + 1) == first_ref));
-          Lanes dxe, dle, dxo, dlo;
-          const auto phases = [&](auto uniform_tag) {
-            constexpr bool U = decltype(uniform_tag)::value;
-            if (ph == 0) {
-              halving_taps<U, 1>(ScratchTaps<1>{r, iv, go, yo, tap1}, xe, le, dxe, dle);
-              halving_taps<U, 2>(ScratchTaps<2>{r, iv, go, yo, tap2c}, xo, lo, dxo, dlo);
-            } else {
-              halving_taps<U, 2>(ScratchTaps<2>{r, iv, go, yo, tap2r}, xe, le, dxe, dle);
-              halving_taps<U, 4>(ScratchTaps<4>{r, iv, go, yo, tap4}, xo, lo, dxo, dlo);
-            }
-          };
-          if (uniform) {
-            phases(std::true_type());
+          if (ph == 0) {
+            phase_gradients(0, k, uniform, ScratchTaps<1>{r, iv, go, yo, tap1}, ScratchTaps<2>{r, iv, go, yo, tap2c});
           } else {
-            phases(std::false_type());
+            phase_gradients(1, k, uniform, ScratchTaps<2>{r, iv, go, yo, tap2r}, ScratchTaps<4>{r, iv, go, yo, tap4});
           }
-          Lanes a, b;
-          masks.merge(dxe, dxo, a, b);
-          store_lanes(gxq + a_at, a, a_count, streamed);
-          if (b_count > 0) store_lanes(gxq + b_at, b, b_count, streamed);
-          masks.merge(dle, dlo, a, b);
-          store_lanes(glq + a_at, a, a_count, streamed);
-          if (b_count > 0) store_lanes(glq + b_at, b, b_count, streamed);
         }
       }
     }
