@@ -204,6 +204,26 @@ inline void store_full(c10::Half* p, Lanes v, bool = false, bool = false) {
 }
 #endif
 
+#if LIP_CPU_ISA >= 2
+// 16-bit elements in a 256-bit register, to float lanes and back, rounded
+// as the full loads and stores above round (the pointer picks the type).
+// The partial loads and stores use them in registers: through a lane
+// array on the stack they cost a store and a reload each.
+inline Lanes widen_words(const c10::BFloat16*, __m256i h) { return widen_bfloat16(h); }
+inline Lanes widen_words(const c10::Half*, __m256i h) {
+  return reinterpret_cast<Lanes>(_mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, h));
+}
+inline __m256i narrow_words(const c10::BFloat16*, Lanes v) {
+  const LaneHalves h = bfloat16_bits(v);
+  __m256i out;
+  std::memcpy(&out, &h, sizeof(out));
+  return out;
+}
+inline __m256i narrow_words(const c10::Half*, Lanes v) {
+  return _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF, reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
 // The first `count` (<= kLanes) elements; the rest of the lanes read 0.
 // Masked loads and stores where the ISA has them: a vector load of a lane
 // array just written element by element waits for the failed store
@@ -220,11 +240,7 @@ inline Lanes load_lanes(const T* p, int64_t count) {
     return reinterpret_cast<Lanes>(_mm512_maskz_loadu_ps(mask, p));
   } else {
     static_assert(sizeof(T) == 2, "16-bit element types");
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-    if constexpr (std::is_same_v<T, c10::BFloat16>) return widen_bfloat16(h);
-    T bits[kLanes];
-    std::memcpy(bits, &h, sizeof(h));
-    return load_full(bits);
+    return widen_words(p, _mm256_maskz_loadu_epi16(mask, p));
   }
 #else
 #if LIP_CPU_ISA == 1
@@ -253,11 +269,7 @@ inline void store_lanes(T* p, Lanes v, int64_t count, bool stream = false, bool 
     _mm512_mask_storeu_ps(p, mask, reinterpret_cast<__m512>(v));
   } else {
     static_assert(sizeof(T) == 2, "16-bit element types");
-    T bits[kLanes];
-    store_full(bits, v);  // the same rounding as a full store
-    __m256i h;
-    std::memcpy(&h, bits, sizeof(h));
-    _mm256_mask_storeu_epi16(p, mask, h);
+    _mm256_mask_storeu_epi16(p, mask, narrow_words(p, v));  // the same rounding as a full store
   }
 #else
 #if LIP_CPU_ISA == 1
