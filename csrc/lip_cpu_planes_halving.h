@@ -213,7 +213,8 @@ void backward_halving(const BackwardTensors& t, const CallGeometry& cg, bool str
     x_t* gxp = gx_ptr;
     l_t* glp = gl_ptr;
     const int64_t P = L.pitch, RV = L.row_vectors(), floats = L.scratch_floats();
-    std::unique_ptr<Lanes[]> buffer(new Lanes[(4 * floats + kLanes - 1) / kLanes]);
+    // (two output rows a vector need none: they shift in registers)
+    std::unique_ptr<Lanes[]> buffer(P < kLanes ? nullptr : new Lanes[(4 * floats + kLanes - 1) / kLanes]);
     float* const s_ref = reinterpret_cast<float*>(buffer.get());
     float *const s_inv = s_ref + floats, *const s_g = s_inv + floats, *const s_y = s_g + floats;
     // per vector j of an output row: its lanes' columns clamped to the
@@ -440,9 +441,13 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
     const int64_t P = L.pitch, RV = L.row_vectors();
     const float inf = std::numeric_limits<float>::infinity();
     // [row phase][column phase]: weights and weighted terms
+    // (unused with pitch kLanes / 2, which weighs its rows in registers)
+    const bool paired = P < kLanes;
     alignas(64) float e_phase[2][2][kHalvingPhaseFloats], ex_phase[2][2][kHalvingPhaseFloats];
-    std::memset(e_phase, 0, sizeof(e_phase));
-    std::memset(ex_phase, 0, sizeof(ex_phase));
+    if (!paired) {
+      std::memset(e_phase, 0, sizeof(e_phase));
+      std::memset(ex_phase, 0, sizeof(ex_phase));
+    }
     const PhaseMasks masks;
     const LaneInts upper = upper_half_mask();
     // per input vector i of a row: its lanes inside the row, and their count
@@ -484,17 +489,23 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
       column_tap[1][l] = row + 2 * col;
       column_tap[2][l] = row + 2 * col + 1;
     }
-    // a row's weights and weighted terms against the strip's reference; 0
-    // outside the strip's input rows and past the row's end
+    // input vector i of row h: its weights and weighted terms against the
+    // strip's reference, 0 past the row's end (logit -inf there)
+    const auto weigh = [&](const x_t* xq, const l_t* lq, Lanes reference, int64_t h, int64_t i, Lanes& e,
+                           Lanes& ex) __attribute__((always_inline)) {
+      const int64_t at = h * L.W + i * kLanes;
+      const Lanes l = cpu_math::select(in_lanes[i], load_lanes(lq + at, in_count[i]), splat(-inf));
+      Step::tile_weight(l, load_lanes(xq + at, in_count[i]), reference, e, ex);
+    };
+    // a whole row (pitch kLanes / 2: one vector), 0 outside the strip's
+    // input rows
     const auto weigh_row = [&](const x_t* xq, const l_t* lq, const Strip& st, Lanes reference, int64_t h, Lanes& e,
                                Lanes& ex) __attribute__((always_inline)) {
       if (h < st.h0 || h >= st.h1) {
         e = ex = splat(0.0f);
-        return;
+      } else {
+        weigh(xq, lq, reference, h, 0, e, ex);
       }
-      const int64_t at = h * L.W;
-      const Lanes l = cpu_math::select(in_lanes[0], load_lanes(lq + at, in_count[0]), splat(-inf));
-      Step::tile_weight(l, load_lanes(xq + at, in_count[0]), reference, e, ex);
     };
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C, c = plane % C;
@@ -518,8 +529,7 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
         // all lanes to the max of all (max is exact: any order gives it)
         for (int i = 0; i < kRotations; ++i) Step::max_tap(m, __builtin_shuffle(m, rotate[i]));
         const Lanes reference = Step::reference_max(m);
-        // pitch kLanes / 2 weighs its rows in registers, below
-        const bool paired = P < kLanes;
+        // (pitch kLanes / 2 weighs its rows in registers, below)
         if (!paired) {
           // odd phase row r holds input row 2 (oh0 + r) - 1, even row r
           // input row 2 (oh0 + r); the padding row above the plane weighs 0
@@ -533,16 +543,10 @@ void forward_halving(const ForwardTensors& t, const CallGeometry& cg, bool strea
           }
           for (int64_t h = st.h0; h < st.h1; ++h) {
             const int64_t ph = h & 1, r = (h + ph) / 2 - st.oh0;
-            // the row's weights, 0 past its end (logit -inf there)
-            const auto weigh = [&](int64_t i, Lanes& e, Lanes& ex) __attribute__((always_inline)) {
-              const int64_t at = h * L.W + i * kLanes;
-              const Lanes l = cpu_math::select(in_lanes[i], load_lanes(lq + at, in_count[i]), splat(-inf));
-              Step::tile_weight(l, load_lanes(xq + at, in_count[i]), reference, e, ex);
-            };
             for (int64_t j = 0; j < RV; ++j) {
               Lanes ea, exa, eb, exb, even, odd;
-              weigh(2 * j, ea, exa);
-              weigh(2 * j + 1, eb, exb);
+              weigh(xq, lq, reference, h, 2 * j, ea, exa);
+              weigh(xq, lq, reference, h, 2 * j + 1, eb, exb);
               const int64_t at = r * P + j * kLanes;
               masks.split(ea, eb, even, odd);
               store_full(phase(e_phase, ph, 0) + at, even);
